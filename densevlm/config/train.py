@@ -1,0 +1,59 @@
+"""Config dataclasses shared by every training command: the loop and the optimiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a cosine schedule and linear warm-up (no weight decay on norms, biases, gains, logit_scale)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class LoopConfig:
+    """The training loop: epochs, batch, precision, checkpointing, logging."""
+
+    epochs: int = 6
+    batch_size: int = 16  # per process
+    grad_accum_steps: int = 1
+    max_steps: Optional[int] = None  # caps optimiser steps (quick profiles); None = whole epochs
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    num_workers: int = 2
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 1  # epochs; 0 disables periodic evaluation
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    find_unused_parameters: bool = False
+    cpu: bool = False  # force CPU even when an accelerator is present
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.num_workers < 0 or self.eval_every < 0:
+            raise ValueError("num_workers and eval_every must be >= 0")

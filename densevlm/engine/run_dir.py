@@ -1,0 +1,62 @@
+"""Run directories: created fresh, resumed explicitly, never silently overwritten."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from densevlm.config import ConfigError, config_diff, to_dict
+from densevlm.utils.io import atomic_write_text
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+METRICS_FILE = "metrics.json"
+
+
+class RunDirError(RuntimeError):
+    """A run directory cannot be used as asked (exists, or belongs to another config)."""
+
+
+def prepare_run_dir(run_dir: str | Path, cfg: Any, *, resume: bool = False, overwrite: bool = False,
+                    ignore_keys: tuple[str, ...] = ()) -> Path:
+    """Create ``run_dir`` for ``cfg``, or check that a resumed run was made with the same config.
+
+    A non-empty directory is refused unless ``resume`` (same config required; differing keys are named) or
+    ``overwrite`` (the caller explicitly asked to replace it) is set.
+    """
+    path = Path(run_dir)
+    saved = path / CONFIG_FILE
+    exists = path.exists() and any(path.iterdir())
+    if exists and resume:
+        if not saved.is_file():
+            raise RunDirError(f"cannot resume from {path}: it has no {CONFIG_FILE}")
+        old = yaml.safe_load(saved.read_text()) or {}
+        new = to_dict(cfg)
+        diff = [k for k in config_diff(old, new) if not any(k == i or k.startswith(i + ".") for i in ignore_keys)]
+        if diff:
+            details = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(new, k)!r})" for k in diff[:10])
+            raise ConfigError(f"cannot resume from {path}: its config differs in {len(diff)} key(s): {details}")
+        return path
+    if exists and not overwrite:
+        raise RunDirError(
+            f"run directory {path} already exists and is not empty; pass resume (continue it) or overwrite "
+            "(replace it), or choose another output_dir"
+        )
+    if exists and overwrite:
+        import shutil
+
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def _get(d: dict, dotted: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
