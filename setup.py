@@ -16,7 +16,7 @@ setup(
     "(DenseVLM, CLIPSelf, Talk2DINO).",
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["densevlm", "densevlm.*"]),
     package_data={"densevlm": ["models/model_configs/*.json", "vocab/data/*.json"]},
     include_package_data=True,
