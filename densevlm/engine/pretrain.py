@@ -10,7 +10,7 @@ import torch
 
 from densevlm.config.pretrain import PretrainConfig
 from densevlm.data.captions import CaptionCollator, CaptionDataset
-from densevlm.engine.run_dir import prepare_run_dir
+from densevlm.engine.run_dir import prepare_run_dir_once
 from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.evaluation.zero_shot import image_zero_shot
 from densevlm.methods.contrastive import ContrastiveObjective
@@ -35,7 +35,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, overwrite: bool =
     if not cfg.data.captions_json or not cfg.data.image_root:
         raise ValueError("pretrain needs data.captions_json (a COCO captions json) and data.image_root (the folder "
                          "its file_name entries are in); set them in the config or with --set")
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
+    run_dir = prepare_run_dir_once(cfg.output_dir, cfg, cpu=cfg.loop.cpu, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.loop.seed)  # the random initialisation is part of the recipe
     model = create_backbone(cfg.model)
     size = cfg.data.image_size or model.native_image_size

@@ -1,0 +1,1 @@
+"""Evaluators (detectron2's reset / process / evaluate shape) and metric tables."""
