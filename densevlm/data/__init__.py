@@ -1,0 +1,1 @@
+"""Image sources, transforms and datasets (captions, grid boxes, panoptic evaluation)."""
