@@ -60,3 +60,20 @@ def _get(d: dict, dotted: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def prepare_run_dir_once(run_dir: str | Path, cfg: Any, *, cpu: bool = False, **kwargs: Any) -> Path:
+    """:func:`prepare_run_dir` on the main process only (others wait), for runs started by ``accelerate launch``."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu)
+    error: Exception | None = None
+    if state.is_main_process:
+        try:
+            prepare_run_dir(run_dir, cfg, **kwargs)
+        except Exception as err:  # re-raised after the barrier so the other processes are not left waiting
+            error = err
+    state.wait_for_everyone()
+    if error is not None:
+        raise error
+    return Path(run_dir)

@@ -6,6 +6,7 @@ itself knows nothing about any of them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -67,7 +68,8 @@ def ensemble_state(student: dict[str, torch.Tensor], initial: dict[str, torch.Te
     """Weight-space ensembling: ``alpha * student + (1 - alpha) * initial`` for every floating tensor."""
     out = {}
     for k, v in student.items():
-        if torch.is_floating_point(v):
+        # Frozen tensors stay bit-exact (0.9 x + 0.1 x is not always x in floating point).
+        if torch.is_floating_point(v) and not torch.equal(v, initial[k].to(v.device)):
             out[k] = (alpha * v.float() + (1.0 - alpha) * initial[k].to(v.device).float()).to(v.dtype)
         else:
             out[k] = v
@@ -130,29 +132,31 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ helpers
-    def _saved_state(self, initial: Optional[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        state = {k: v.detach().cpu() for k, v in self.export_state(self.model).items()}
-        if self.ensemble_alpha is not None and initial is not None:
-            state = ensemble_state(state, initial, self.ensemble_alpha)
-        return state
+    @contextlib.contextmanager
+    def _saved_weights(self, initial: Optional[dict[str, torch.Tensor]]) -> Iterator[nn.Module]:
+        """The model holding the weights that are saved and evaluated: the ensemble when ``ensemble_alpha`` is set.
+
+        The training weights are restored on exit.
+        """
+        if self.ensemble_alpha is None or initial is None:
+            yield self.model
+            return
+        backup = copy.deepcopy(self.model.state_dict())
+        self.model.load_state_dict(ensemble_state(backup, initial, self.ensemble_alpha))
+        try:
+            yield self.model
+        finally:
+            self.model.load_state_dict(backup)
 
     def _run_eval(self, initial: Optional[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Evaluate the weights that would be saved (the ensemble), then restore the training weights."""
         if self.evaluate is None:
             return {}
-        backup = None
-        if self.ensemble_alpha is not None and initial is not None:
-            backup = copy.deepcopy(self.model.state_dict())
-            current = self.model.state_dict()
-            self.model.load_state_dict(ensemble_state(current, {k: initial[k] for k in current}, self.ensemble_alpha))
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
-                return self.evaluate(self.model)
+            with self._saved_weights(initial) as model, torch.no_grad():
+                return self.evaluate(model)
         finally:
-            if backup is not None:
-                self.model.load_state_dict(backup)
             self.model.train(was_training)
 
     # ------------------------------------------------------------------ loop
@@ -286,7 +290,8 @@ class Trainer:
         if acc.is_main_process:
             from safetensors.torch import save_file
 
-            state = {k: v.contiguous() for k, v in self._saved_state(initial).items()}
+            with self._saved_weights(initial) as model:
+                state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.export_state(model).items()}
             atomic_save(self.run_dir / WEIGHTS_FILE, lambda p: save_file(state, str(p)))
             atomic_write_json(self.run_dir / METRICS_FILE, metrics)
         acc.wait_for_everyone()

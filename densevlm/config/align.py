@@ -1,0 +1,82 @@
+"""Config of region-language alignment training (``densevlm train``): DenseVLM or CLIPSelf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from densevlm.config.model import ModelSpec
+from densevlm.config.train import LoopConfig, OptimConfig
+from densevlm.config.vocab import TextEmbeddingConfig
+from densevlm.data.sources import ImageSourceConfig
+
+
+@dataclass
+class RegionDataConfig:
+    """Images (any source), resize-longest + pad to ``image_size``, random grid boxes."""
+
+    source: ImageSourceConfig = field(default_factory=ImageSourceConfig)
+    image_size: int = 512
+    max_boxes: int = 0  # 0 = the method's default (DenseVLM 36, CLIPSelf 20)
+    max_split: int = 6
+    grid_style: Literal["auto", "densevlm", "clipself"] = "auto"  # auto = the method's own grid choices
+    crop_size: int = 0  # CLIPSelf crops; 0 = the teacher's native input size
+
+    def validate(self) -> None:
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+        if self.max_boxes < 0 or self.max_split < 1 or self.crop_size < 0:
+            raise ValueError("max_boxes and crop_size must be >= 0, max_split >= 1")
+
+
+@dataclass
+class DenseVLMParams:
+    temperature: float = 0.01  # logits = cos / temperature, for teacher and student (the reference's 100 x cos)
+    threshold: float = 0.3  # keep a region when the teacher's max probability exceeds this
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+
+@dataclass
+class PeriodicEvalConfig:
+    """Region classification on a COCO-panoptic split during training; disabled when panoptic_json is empty."""
+
+    panoptic_json: str = ""
+    panoptic_root: str = ""
+    image_root: str = ""
+    vocabulary: str = ""  # '' = the dataset's own categories
+    templates: str = "vild"
+    image_size: int = 512
+    max_images: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
+class AlignConfig:
+    """One region-alignment run. ``method`` picks the objective; everything else is shared."""
+
+    output_dir: str = "runs/align"
+    method: Literal["densevlm", "clipself"] = "densevlm"
+    student: ModelSpec = field(default_factory=lambda: ModelSpec(name="EVA02-B-16"))
+    # DenseVLM: the frozen P-VLM. CLIPSelf: null for a frozen copy of the initial student.
+    teacher: Optional[ModelSpec] = field(default_factory=lambda: ModelSpec(name="EVA02-L-14-336"))
+    student_text: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
+    teacher_text: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
+    exclude_novel: bool = False  # train on the vocabulary's seen classes only (open-vocabulary protocol)
+    densevlm: DenseVLMParams = field(default_factory=DenseVLMParams)
+    unlocked_blocks: int = -1  # trailing vision blocks trained; -1 = all
+    ensemble_alpha: Optional[float] = 0.9  # saved weights = alpha * student + (1 - alpha) * initial
+    data: RegionDataConfig = field(default_factory=RegionDataConfig)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        if self.ensemble_alpha is not None and not 0.0 <= self.ensemble_alpha <= 1.0:
+            raise ValueError(f"ensemble_alpha must be in [0, 1] or null, got {self.ensemble_alpha}")
+        if self.method == "densevlm" and self.teacher is None:
+            raise ValueError("method 'densevlm' needs a teacher (teacher.name and teacher.pretrained)")

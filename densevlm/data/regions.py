@@ -1,0 +1,61 @@
+"""Training samples for region-language alignment: a padded square image plus random grid boxes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from densevlm.data.captions import item_rng
+from densevlm.data.grid_boxes import grid_boxes, grid_choices
+from densevlm.data.images import ImageReadError
+from densevlm.data.sources import ImageSource
+from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_pad, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+class GridRegionDataset(Dataset):
+    """Image (resize-longest, zero-padded to ``image_size``) with up to ``max_boxes`` random grid boxes.
+
+    Items: ``image`` (3, S, S), ``boxes`` (max_boxes, 4) normalised on the canvas, ``valid`` (max_boxes,) and,
+    only when ``crop_size`` is set (CLIPSelf's teacher needs them; DenseVLM does not), ``crops``
+    (max_boxes, 3, crop, crop) taken from the original image, zero where a box is padding.
+    """
+
+    def __init__(self, source: ImageSource, image_size: int, *, grid_style: str = "densevlm", max_split: int = 6,
+                 max_boxes: int = 36, crop_size: Optional[int] = None, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD, seed: int = 0) -> None:
+        self.source, self.image_size, self.max_boxes, self.crop_size = source, image_size, max_boxes, crop_size
+        self.choices = grid_choices(max_split, grid_style)
+        self.mean, self.std, self.seed, self.epoch = mean, std, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            img = self.source.load(index)
+        except ImageReadError:
+            if not self.source.cfg.skip_bad_images:
+                raise
+            log.warning("unreadable image %d of %s skipped", index, self.source.cfg.path)
+            return self[(index + 1) % len(self)]
+        rng = item_rng(self.seed, self.epoch, index)
+        canvas, scale = resize_longest_pad(img, self.image_size)
+        boxes, valid, pixel = grid_boxes(img.width, img.height, scale, self.image_size, rng, self.choices,
+                                         self.max_boxes)
+        item = {"image": to_tensor(canvas, self.mean, self.std), "boxes": boxes, "valid": valid}
+        if self.crop_size:
+            crops = torch.zeros(self.max_boxes, 3, self.crop_size, self.crop_size)
+            for k in range(int(valid.sum())):
+                x0, y0, x1, y1 = (round(v) for v in pixel[k].tolist())
+                crop, _ = resize_longest_pad(img.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), self.crop_size)
+                crops[k] = to_tensor(crop, self.mean, self.std)
+            item["crops"] = crops
+        return item

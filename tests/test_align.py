@@ -1,0 +1,188 @@
+"""Region-language alignment: grid boxes, the DenseVLM and CLIPSelf objectives, the train job, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from densevlm.config import ConfigError, from_dict, to_dict
+from densevlm.config.align import AlignConfig
+from densevlm.data.grid_boxes import grid_boxes, grid_choices
+from densevlm.methods.densevlm import DenseVLMObjective
+from densevlm.vocab import ClassEntry, Vocabulary
+
+TINY = {"vision_cfg": {"layers": 2, "width": 64, "head_width": 32}, "text_cfg": {"layers": 1, "width": 32, "heads": 1}}
+
+
+def test_grid_choices_match_the_reference():
+    d = grid_choices(6, "densevlm")
+    assert len(d) == 17 and d[0] == (2, 2) and d[-1] == (6, 6) and (3, 6) in d and (2, 5) not in d
+    assert len(grid_choices(6, "clipself")) == 24 and (1, 1) in grid_choices(6, "clipself")
+    cells = [r * c for r, c in d]
+    assert min(cells) == 4 and max(cells) == 36 and abs(np.mean(cells) - 18.2) < 0.1
+
+
+def test_grid_boxes_are_mapped_into_the_padded_canvas():
+    # a 200x100 image resized-longest to a 64 canvas: scale 0.32, content occupies the top half
+    boxes, valid, pixel = grid_boxes(200, 100, 0.32, 64, random.Random(0), [(2, 4)], max_boxes=36)
+    assert valid.sum() == 8 and not valid[8:].any()
+    b = boxes[valid]
+    assert torch.allclose(b[:, 3].max(), torch.tensor(0.5)) and torch.allclose(b[:, 2].max(), torch.tensor(1.0))
+    areas = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum()
+    assert torch.allclose(areas, torch.tensor(0.5))  # the cells tile exactly the image's part of the canvas
+    assert torch.allclose(pixel[valid][:, 2].max(), torch.tensor(200.0))
+
+
+def _objective(n_thing=3, n_stuff=2, threshold=0.3) -> DenseVLMObjective:
+    n = n_thing + n_stuff
+    mask = torch.tensor([True] * n_thing + [False] * n_stuff)
+    eye = torch.eye(n)
+    return DenseVLMObjective(torch.nn.Identity(), eye, eye, mask, threshold=threshold)
+
+
+def test_densevlm_loss_is_decoupled_by_the_vocabulary_flags():
+    obj = _objective()
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 5, generator=g) * 3
+    t[0, 1] += 20  # confident thing region (class 1)
+    t[1, 3] += 20  # confident stuff region (class 3)
+    t[2, 2] += 20  # confident thing region (class 2, the last thing: the reference's off-by-one called it stuff)
+    t[3:] = 0  # uniform: max prob 0.2 < 0.3, dropped
+    s = torch.randn(6, 5, generator=g)
+    loss, m = obj.loss_from_logits(t, s)
+    thing, stuff = [0, 2], [1]
+    cols = slice(0, 3)
+    kl_thing = F.kl_div(F.log_softmax(s[thing, cols], -1), F.softmax(t[thing, cols], -1), reduction="batchmean")
+    kl_stuff = F.kl_div(F.log_softmax(s[stuff], -1), F.softmax(t[stuff], -1), reduction="batchmean")
+    assert torch.allclose(loss, kl_thing + kl_stuff, atol=1e-6)
+    assert m["thing_regions"] == 2 and m["stuff_regions"] == 1 and m["kept_fraction"] == pytest.approx(0.5)
+
+
+def test_densevlm_empty_batch_gives_zero_loss_not_nan():
+    obj = _objective()
+    s = torch.randn(4, 5, requires_grad=True)
+    loss, m = obj.loss_from_logits(torch.zeros(4, 5), s)
+    assert loss.item() == 0.0 and m["empty_batch"] == 1.0
+    loss.backward()
+    assert s.grad is not None and torch.count_nonzero(s.grad) == 0
+    loss, m = obj.loss_from_logits(torch.zeros(0, 5), torch.zeros(0, 5, requires_grad=True))
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+
+
+def _write_world(tmp: Path, n_images: int = 8) -> dict[str, str]:
+    """Random images and a 3-thing / 2-stuff vocabulary in our JSON format."""
+    rng = np.random.default_rng(0)
+    img_dir = tmp / "images"
+    img_dir.mkdir(parents=True)
+    for i in range(n_images):
+        arr = rng.integers(0, 255, (48 + 8 * (i % 3), 64, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(img_dir / f"{i:03d}.png")
+    classes = [ClassEntry("boat"), ClassEntry("car"), ClassEntry("kite", novel=True),
+               ClassEntry("sky", isthing=False), ClassEntry("grass", isthing=False)]
+    Vocabulary("tiny", tuple(classes)).to_json(tmp / "vocab.json")
+    return {"images": str(img_dir), "vocab": str(tmp / "vocab.json")}
+
+
+def _tiny_cfg(tmp: Path, paths: dict[str, str], method: str = "densevlm") -> dict:
+    return {
+        "output_dir": str(tmp / f"run_{method}"),
+        "method": method,
+        "student": {"name": "ToyCLIP-ViT-T-16", "model_overrides": TINY},
+        "teacher": {"name": "ToyCLIP-ViT-T-16", "model_overrides": TINY} if method == "densevlm" else None,
+        "student_text": {"vocabulary": paths["vocab"], "templates": "single"},
+        "teacher_text": {"vocabulary": paths["vocab"], "templates": "single"},
+        "exclude_novel": True,
+        "densevlm": {"threshold": 0.0},  # random teachers are unconfident: keep every region
+        "ensemble_alpha": 0.9,
+        "data": {"source": {"kind": "folder", "path": paths["images"]}, "image_size": 64, "max_boxes": 8},
+        "loop": {"epochs": 2, "batch_size": 2, "num_workers": 0, "cpu": True, "log_every": 1},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+    }
+
+
+@pytest.mark.parametrize("method", ["densevlm", "clipself"])
+def test_train_job_runs_and_changes_only_unlocked_blocks(tmp_path, method):
+    from safetensors.torch import load_file
+
+    from densevlm.engine.align import run_align
+    from densevlm.models import create_backbone
+
+    cfg = from_dict(AlignConfig, {**_tiny_cfg(tmp_path, _write_world(tmp_path), method), "unlocked_blocks": 1})
+    result = run_align(cfg)
+    assert result.global_step == 8
+    saved = load_file(str(Path(cfg.output_dir) / "weights.safetensors"))
+    torch.manual_seed(cfg.loop.seed)
+    initial = create_backbone(cfg.student).state_dict_for_export()
+    changed = {k for k in saved if not torch.equal(saved[k], initial[k])}
+    assert changed and all(k.startswith("visual.transformer.resblocks.1.") for k in changed), sorted(changed)[:5]
+    # the last block runs without q.k attention: the q and k rows of its fused projection get no gradient, so
+    # they only shrink by weight decay (one scalar factor for all of them), while the v rows learn
+    w_new = saved["visual.transformer.resblocks.1.attn.in_proj_weight"]
+    w_old = initial["visual.transformer.resblocks.1.attn.in_proj_weight"]
+    d = w_new.shape[1]
+    ratio = w_new[: 2 * d] / w_old[: 2 * d]
+    assert 0.99 < ratio.mean() < 1.0 and torch.allclose(ratio, ratio.mean().expand_as(ratio), atol=1e-4)
+    v_ratio = w_new[2 * d:] / w_old[2 * d:]
+    assert v_ratio.std() > 1e-3
+
+
+def test_teacher_and_student_vocabularies_must_agree(tmp_path):
+    from densevlm.engine.align import run_align
+
+    paths = _write_world(tmp_path)
+    other = Vocabulary("other", (ClassEntry("car"), ClassEntry("boat"), ClassEntry("kite", novel=True),
+                                 ClassEntry("sky", isthing=False), ClassEntry("grass", isthing=False)))
+    other.to_json(tmp_path / "other.json")
+    raw = _tiny_cfg(tmp_path, paths)
+    raw["teacher_text"]["vocabulary"] = str(tmp_path / "other.json")
+    with pytest.raises(ValueError, match=r"teacher and student vocabularies differ at class 0"):
+        run_align(from_dict(AlignConfig, raw))
+    assert not (Path(raw["output_dir"]) / "checkpoints").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(tmp_path: Path, bypass_ddp: bool) -> list[dict]:
+    raw = _tiny_cfg(tmp_path, _write_world(tmp_path))
+    raw["loop"]["epochs"] = 1
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    worker = Path(__file__).with_name("dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(worker), str(cfg_file), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "DENSEVLM_TEST_BYPASS_DDP": "1" if bypass_ddp else "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_process_training_keeps_ranks_identical(tmp_path):
+    """2 CPU processes (gloo): after every step both ranks hold the same weights."""
+    ranks = _run_two_processes(tmp_path, bypass_ddp=False)
+    assert all(r["world"] == 2 for r in ranks)
+    # 8 images, 2 per process -> 2 steps per epoch
+    assert ranks[1]["steps"] == 2 and len(ranks[1]["diffs"]) == 2
+    assert max(ranks[1]["diffs"]) == 0.0
+
+
+def test_bypassing_ddp_as_the_reference_does_desynchronises_ranks(tmp_path):
+    """The check above can fail: the reference's pattern (forward on model.module) leaves ranks apart."""
+    ranks = _run_two_processes(tmp_path, bypass_ddp=True)
+    assert ranks[1]["diffs"][0] > 0.0
