@@ -1,0 +1,271 @@
+"""The single door to a backbone: ``create_backbone(spec) -> DenseCLIP``.
+
+Builds the open_clip model for ``spec.name`` (built-in configs plus the JSONs shipped in ``model_configs/``),
+puts the requested weights in it (random init, an open_clip tag, a local file in any supported layout, or a run
+directory) and wraps it in the :class:`DenseCLIP` subclass of its family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import open_clip
+import torch
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer
+from timm.models.eva import Eva
+
+from densevlm.config.core import ConfigError, from_dict, read_yaml, to_dict
+from densevlm.config.model import ModelSpec
+from densevlm.models.checkpoints import (
+    LoadedCheckpoint,
+    load_checkpoint_into,
+    read_checkpoint,
+    sha256_file,
+)
+from densevlm.models.dense_clip import DenseCLIP
+from densevlm.models.eva import EvaDense
+from densevlm.models.openclip_vit import OpenCLIPViTDense
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+
+#: names used by the CLIPSelf/DenseVLM reference fork (its ``eva_clip/model_configs``) -> open_clip names.
+REFERENCE_NAME_ALIASES = {
+    "EVA02-CLIP-B-16": "EVA02-B-16",
+    "EVA02-CLIP-L-14": "EVA02-L-14",
+    "EVA02-CLIP-L-14-336": "EVA02-L-14-336",
+    "EVA02-CLIP-tiny-16": "EVA02-Ti-16-golden",  # the golden fixture's reference config name
+}
+
+#: files a run directory must / may hold.
+RUN_WEIGHTS = "weights.safetensors"
+RUN_CONFIG = "config.yaml"
+
+#: vision_cfg keys that mean something for a timm tower; open_clip silently ignores the ViT ones there.
+_TIMM_VISION_KEYS = {
+    "image_size", "timm_model_name", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
+    "timm_drop", "timm_drop_path", "patch_dropout",
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def register_model_configs() -> None:
+    """Make the JSON configs in ``model_configs/`` known to open_clip (idempotent).
+
+    Afterwards ``open_clip.create_model("ToyCLIP-ViT-T-16", pretrained=<file>)`` works like a built-in name.
+    """
+    names = {p.stem for p in MODEL_CONFIG_DIR.glob("*.json")}
+    if not names.issubset(open_clip.list_models()):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def resolve_model_name(name: str) -> str:
+    """Map a user or reference model name to a registered open_clip config name, or raise ConfigError."""
+    resolved = REFERENCE_NAME_ALIASES.get(name, name).replace("/", "-")
+    available = open_clip.list_models()
+    if resolved not in available:
+        close = difflib.get_close_matches(resolved, available, n=3, cutoff=0.6)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ConfigError(
+            f"model name '{name}': no open_clip config with that name.{hint} Reference names accepted: "
+            f"{sorted(REFERENCE_NAME_ALIASES)}; see open_clip.list_models() for the rest."
+        )
+    return resolved
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _final_config(name: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(final model config, kwargs for open_clip.create_model) after applying ``overrides``."""
+    base = open_clip.get_model_config(name)
+    kwargs: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in ("vision_cfg", "text_cfg"):
+            if key == "vision_cfg" and "timm_model_name" in base["vision_cfg"]:
+                ignored = sorted(set(value) - _TIMM_VISION_KEYS)
+                if ignored:
+                    raise ConfigError(
+                        f"model_overrides.vision_cfg: {ignored} have no effect on the timm tower of '{name}' "
+                        f"(allowed: {sorted(_TIMM_VISION_KEYS)}); register a timm model for another size"
+                    )
+            kwargs[key] = _deep_merge(base[key], value)
+        else:
+            kwargs[key] = copy.deepcopy(value)
+    return _deep_merge(base, kwargs), kwargs
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "initialized randomly" when built without weights; we load them right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool) -> Iterator[None]:
+    flt = _DropRandomInitWarning()
+    root = logging.getLogger()
+    if active:
+        root.addFilter(flt)
+    try:
+        yield
+    finally:
+        if active:
+            root.removeFilter(flt)
+
+
+def _run_model_section(config_path: Path) -> Optional[dict[str, Any]]:
+    """The model spec recorded in a run's ``config.yaml``: its ``model`` (or ``student``) section."""
+    data = read_yaml(config_path)
+    for key in ("model", "student"):
+        section = data.get(key)
+        if isinstance(section, dict) and section.get("name"):
+            return section
+    return None
+
+
+def _resolve_run_dir(run_dir: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
+    weights = run_dir / RUN_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"run directory {run_dir}: '{RUN_WEIGHTS}' not found (expected the run's weights there)")
+    config = run_dir / RUN_CONFIG
+    section = _run_model_section(config) if config.is_file() else None
+    if not spec.name:
+        if section is None:
+            raise ConfigError(
+                f"run directory {run_dir}: '{RUN_CONFIG}' has no 'model' section with a 'name'; "
+                "give the model name in the spec"
+            )
+        arch = {k: section[k] for k in ("name", "force_quick_gelu", "model_overrides") if k in section}
+        try:
+            spec = from_dict(ModelSpec, {**to_dict(spec), **arch})
+        except ConfigError as err:
+            raise ConfigError(f"{config}: model section: {err}") from None
+    elif section is not None and resolve_model_name(str(section["name"])) != resolve_model_name(spec.name):
+        raise ConfigError(
+            f"run directory {run_dir}: trained model is '{section['name']}' but the spec asks for '{spec.name}'"
+        )
+    return weights, spec
+
+
+def _pick_family(clip: torch.nn.Module) -> type[DenseCLIP]:
+    visual = getattr(clip, "visual", None)
+    if isinstance(visual, TimmModel) and isinstance(getattr(visual, "trunk", None), Eva):
+        return EvaDense
+    if isinstance(visual, VisionTransformer):
+        return OpenCLIPViTDense
+    raise TypeError(
+        f"vision tower {type(visual).__name__} is not supported; supported families: open_clip VisionTransformer "
+        "(OpenAI/OpenCLIP ViTs) and timm Eva trunks in TimmModel (EVA02)"
+    )
+
+
+def _resolve_source(spec: ModelSpec) -> tuple[ModelSpec, str, Optional[Path], Optional[str]]:
+    """(spec, open_clip name, weights file or None, pretrained tag or None) for a validated spec.
+
+    An existing path wins over a tag of the same spelling; an empty ``pretrained`` means random init.
+    """
+    if not spec.pretrained:
+        return spec, resolve_model_name(spec.name), None, None
+    src = Path(spec.pretrained).expanduser()
+    if src.is_dir():
+        weights_file, spec = _resolve_run_dir(src, spec)
+        return spec, resolve_model_name(spec.name), weights_file, None
+    name = resolve_model_name(spec.name)
+    if src.is_file():
+        return spec, name, src, None
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if spec.pretrained in tags:
+        return spec, name, None, spec.pretrained
+    if src.suffix in _WEIGHT_SUFFIXES or "/" in spec.pretrained or "\\" in spec.pretrained:
+        raise FileNotFoundError(f"pretrained weights not found: {src}")
+    raise ConfigError(
+        f"pretrained={spec.pretrained!r}: not a file or directory, and not an open_clip tag for '{name}' (tags: {tags})"
+    )
+
+
+def create_backbone(spec: Union[ModelSpec, str], *, device: Union[str, torch.device] = "cpu") -> DenseCLIP:
+    """Build a :class:`DenseCLIP` for ``spec``, in eval mode, on ``device``.
+
+    Args:
+        spec: a :class:`ModelSpec`, a model name (random init), or a run directory path.
+        device: where the model is placed after loading (weights are always read on the CPU).
+
+    Raises:
+        ConfigError: unknown model name or invalid spec.
+        FileNotFoundError: ``pretrained`` looks like a path that does not exist, or a run directory lacks
+            its weights.
+        CheckpointLayoutError: the weights match no supported layout for the architecture.
+    """
+    if isinstance(spec, str):
+        spec = ModelSpec(pretrained=spec) if Path(spec).is_dir() else ModelSpec(name=spec)
+    try:
+        spec.validate()
+    except ValueError as err:
+        raise ConfigError(f"model spec: {err}") from None
+    register_model_configs()
+    spec, name, weights_file, tag = _resolve_source(spec)
+
+    config, model_kwargs = _final_config(name, spec.model_overrides)
+    checkpoint: Optional[LoadedCheckpoint] = read_checkpoint(weights_file) if weights_file is not None else None
+    with _quiet_random_init(active=checkpoint is not None):
+        clip = open_clip.create_model(
+            name,
+            pretrained=tag,
+            precision=spec.precision,
+            device="cpu",
+            force_quick_gelu=spec.force_quick_gelu,
+            cache_dir=spec.cache_dir,
+            **model_kwargs,
+        )
+
+    load_info: dict[str, Any] = {}
+    weights_sha256: Optional[str] = None
+    source = "random init"
+    if checkpoint is not None:
+        layout = load_checkpoint_into(clip, checkpoint, name)
+        load_info = {
+            "layout": layout,
+            "file_format": checkpoint.file_format,
+            "wrapper": checkpoint.wrapper,
+            "stripped_prefix": checkpoint.stripped_prefix,
+            "extras": checkpoint.extras,
+        }
+        weights_sha256 = sha256_file(checkpoint.path)
+        source = str(checkpoint.path)
+    elif tag is not None:
+        pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
+        weights_path = open_clip.download_pretrained(pretrained_cfg, cache_dir=spec.cache_dir)
+        weights_sha256 = sha256_file(weights_path)
+        load_info = {"layout": "open_clip_tag", "tag": tag, "file": str(weights_path)}
+        source = f"open_clip:{name}/{tag}"
+
+    preprocess = open_clip.get_model_preprocess_cfg(clip)
+    context_length = int(config["text_cfg"].get("context_length", 77))
+    family = _pick_family(clip)
+    model = family(
+        clip,
+        name=name,
+        tokenizer=open_clip.get_tokenizer(name, context_length=context_length),
+        image_mean=preprocess["mean"],
+        image_std=preprocess["std"],
+        embed_dim=int(config["embed_dim"]),
+        dense_last_block=spec.dense_last_block,
+        source=source,
+        weights_sha256=weights_sha256,
+        load_info=load_info,
+    )
+    return model.to(device).eval()
