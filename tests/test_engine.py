@@ -20,7 +20,8 @@ from densevlm.config.train import LoopConfig, OptimConfig
 from densevlm.engine.checkpoint import latest_checkpoint, load_checkpoint
 from densevlm.engine.run_dir import RunDirError, prepare_run_dir
 from densevlm.engine.trainer import Trainer
-from densevlm.engine.optim import cosine_with_warmup, param_groups
+from densevlm.engine.optim import cosine_with_warmup
+from densevlm.models.tuning import param_groups_for_adamw as param_groups
 from densevlm.methods.base import ObjectiveOutput
 
 

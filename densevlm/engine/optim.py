@@ -8,44 +8,15 @@ import torch
 from torch import nn
 
 from densevlm.config.train import OptimConfig
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """open_clip's rule: no decay on 1-D tensors (norms, biases, gains), norm layers, logit_scale and tokens."""
-    lowered = name.lower()
-    return (
-        param.ndim < 2
-        or "bias" in lowered
-        or "norm" in lowered
-        or ".ln" in lowered
-        or lowered.startswith("ln")
-        or "logit_scale" in lowered
-        or "cls_token" in lowered
-        or "class_embedding" in lowered
-        or "pos_embed" in lowered
-        or "positional_embedding" in lowered
-    )
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed and a non-decayed AdamW group."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if no_weight_decay(name, param) else decay).append(param)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    if not groups:
-        raise ValueError("the model has no trainable parameters; check the freezing policy (unlocked_blocks)")
-    return groups
+from densevlm.models.tuning import param_groups_for_adamw
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """AdamW over the trainable parameters; no weight decay on norms, biases, gains, logit_scale, tokens."""
+    groups = param_groups_for_adamw(model, cfg.weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters; check the freezing policy (unlocked_blocks)")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:

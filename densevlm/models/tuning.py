@@ -40,7 +40,7 @@ def freeze_for_dense_tuning(model: DenseCLIP, unlocked_blocks: int) -> list[str]
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
-def _no_weight_decay_names(model: DenseCLIP) -> set[str]:
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
     """Full names of the parameters a model's towers declare decay-free (position embeddings, class tokens)."""
     names: set[str] = set()
     for module_name, module in model.named_modules():
@@ -52,7 +52,7 @@ def _no_weight_decay_names(model: DenseCLIP) -> set[str]:
     return names
 
 
-def split_weight_decay(model: DenseCLIP) -> tuple[list[str], list[str]]:
+def split_weight_decay(model: nn.Module) -> tuple[list[str], list[str]]:
     """(decay, no_decay) names of the trainable parameters.
 
     No decay, as in open_clip's training (``p.ndim < 2 or bn/ln/bias/logit_scale``) and the reference's
@@ -82,7 +82,7 @@ def split_weight_decay(model: DenseCLIP) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
-def param_groups_for_adamw(model: DenseCLIP, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups_for_adamw(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups: ``weight_decay`` for weight matrices, 0 for the rest (see :func:`split_weight_decay`).
 
     Only trainable parameters are included; empty groups are left out.
