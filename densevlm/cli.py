@@ -104,6 +104,27 @@ def _embed_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+# --------------------------------------------------------------------------- eval
+def cmd_eval_regions(args: argparse.Namespace) -> int:
+    from densevlm.config.evaluation import RegionEvalConfig
+    from densevlm.evaluation.regions import evaluate_regions
+
+    cfg = load_config(RegionEvalConfig, args.config, _overrides(args))
+    result = evaluate_regions(None, cfg, progress=True)
+    print(f"wrote {cfg.output_dir}/regions.json ({result['counts'].get('images', '?')} images)")
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
+    r = sub.add_parser("regions", help="region classification (reference protocol): boxes and masks of ground-truth "
+                       "panoptic segments, mean per-class accuracy top-1/top-5 for things and stuff",
+                       description="Region classification on a COCO-panoptic-format dataset; writes regions.json, "
+                       "a per-class table and a foreground-bias figure into output_dir.")
+    _add_config_args(r, "the dataclass defaults; see configs/eval/")
+    r.set_defaults(fn=cmd_eval_regions)
+
+
 # --------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from densevlm.config.demo import DemoConfig
@@ -143,6 +164,7 @@ COMMANDS: list[Command] = [
     ("train", "region-language alignment (DenseVLM or CLIPSelf) with accelerate; launch multi-GPU runs with "
      "`accelerate launch -m densevlm.cli train ...`",
      lambda p: _train_args(p, "the dataclass defaults; see configs/train/"), cmd_train),
+    ("eval", "evaluation: `densevlm eval regions --config configs/eval/...`", _eval_args, None),
     ("embed-text", "build class text embeddings for a vocabulary and template set (cached, unit norm)",
      _embed_text_args, cmd_embed_text),
     ("demo", "the whole pipeline on the toy world: world, pre-training, zero-shot report, figures",
@@ -157,9 +179,10 @@ def recipe_class(path: str | Path) -> type:
     from densevlm.config.toyworld import ToyWorldConfig
 
     from densevlm.config.align import AlignConfig
+    from densevlm.config.evaluation import RegionEvalConfig
 
     classes: dict[str, type] = {"toyworld": ToyWorldConfig, "pretrain": PretrainConfig, "demo": DemoConfig,
-                                "train": AlignConfig}
+                                "train": AlignConfig, "eval": RegionEvalConfig}
     folder = Path(path).parent.name
     if folder not in classes:
         raise ConfigError(f"{path}: recipes live in configs/<kind>/ with kind one of {sorted(classes)}")
@@ -173,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add_args, fn in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
-        p.set_defaults(fn=fn)
+        if fn is not None:  # commands with sub-tasks (eval) set fn on their own sub-parsers
+            p.set_defaults(fn=fn)
     return parser
 
 

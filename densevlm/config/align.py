@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from densevlm.config.evaluation import PanopticDataConfig, RegionTextConfig
 from densevlm.config.model import ModelSpec
 from densevlm.config.train import LoopConfig, OptimConfig
 from densevlm.config.vocab import TextEmbeddingConfig
@@ -43,16 +44,12 @@ class DenseVLMParams:
 
 @dataclass
 class PeriodicEvalConfig:
-    """Region classification on a COCO-panoptic split during training; disabled when panoptic_json is empty."""
+    """Region classification during training (the six reference keys); disabled when data.panoptic_json is empty."""
 
-    panoptic_json: str = ""
-    panoptic_root: str = ""
-    image_root: str = ""
-    vocabulary: str = ""  # '' = the dataset's own categories
-    templates: str = "vild"
-    image_size: int = 512
-    max_images: Optional[int] = None
+    data: PanopticDataConfig = field(default_factory=PanopticDataConfig)
+    text: RegionTextConfig = field(default_factory=RegionTextConfig)
     batch_size: int = 8
+    num_workers: int = 2
 
 
 @dataclass

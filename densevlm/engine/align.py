@@ -99,7 +99,7 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
     dataset = GridRegionDataset(source, cfg.data.image_size, grid_style=style, max_split=cfg.data.max_split,
                                 max_boxes=cfg.data.max_boxes or DEFAULT_MAX_BOXES[cfg.method], crop_size=crop,
                                 mean=student.image_mean, std=student.image_std, seed=cfg.loop.seed)
-    if evaluate is None and cfg.eval.panoptic_json:
+    if evaluate is None and cfg.eval.data.panoptic_json:
         evaluate = periodic_region_eval(cfg)
     trainer = Trainer(model=student, objective=objective, dataset=dataset, loop=cfg.loop, optim=cfg.optim,
                       run_dir=run_dir, evaluate=evaluate, export_state=lambda m: m.state_dict_for_export(),
@@ -114,17 +114,17 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
 
 def periodic_region_eval(cfg: AlignConfig) -> Any:
     """Region classification on ``cfg.eval`` (the six reference keys), for the training loop."""
-    from densevlm.config.evaluation import PanopticDataConfig
-    from densevlm.config.vocab import TextEmbeddingConfig
-    from densevlm.evaluation.regions import evaluate_regions_with
+    from pathlib import Path
 
-    data = PanopticDataConfig(panoptic_json=cfg.eval.panoptic_json, panoptic_root=cfg.eval.panoptic_root,
-                              image_root=cfg.eval.image_root, image_size=cfg.eval.image_size,
-                              max_images=cfg.eval.max_images)
-    text = TextEmbeddingConfig(vocabulary=cfg.eval.vocabulary or cfg.eval.panoptic_json,
-                               templates=cfg.eval.templates)
+    from densevlm.config.evaluation import RegionEvalConfig
+    from densevlm.evaluation.regions import evaluate_regions
+
+    eval_cfg = RegionEvalConfig(output_dir=str(Path(cfg.output_dir) / "eval"), model=cfg.student,
+                                data=cfg.eval.data, text=cfg.eval.text, batch_size=cfg.eval.batch_size,
+                                num_workers=cfg.eval.num_workers, diagnostics=False)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return evaluate_regions_with(model, data, text, batch_size=cfg.eval.batch_size, progress=False)["metrics"]
+        metrics = evaluate_regions(model, eval_cfg, progress=False)["metrics"]
+        return {k: v for k, v in metrics.items() if v is not None}
 
     return evaluate
