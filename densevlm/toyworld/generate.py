@@ -1,0 +1,198 @@
+"""Generate a toy world on disk (:func:`generate_world`) and read its description back (:func:`load_world`).
+
+Layout under ``root`` (image ids are unique across splits; stems are the 12-digit image id)::
+
+    world.json                               version, resolved config, category table, split sizes
+    images/{split}/<stem>.jpg
+    annotations/captions_{split}.json        COCO captions
+    annotations/instances_{split}.json       COCO instances (things; compressed-RLE masks of visible parts)
+    annotations/panoptic_{split}.json        COCO panoptic
+    annotations/panoptic_{split}/<stem>.png  RGB-encoded segment ids (id = R + 256 G + 256^2 B)
+    annotations/semantic_{split}/<stem>.png  category index in world.json order (0..N-1), 255 = unlabeled
+
+The world is written into a temporary sibling directory (``.<name>.*.partial``) and renamed onto ``root`` at the
+end, so a crashed run never leaves a half-written world behind; files inside that directory are written
+directly, because the rename of the whole directory is what makes the result atomic. The staging directory is
+removed on any Python exception (Ctrl-C included); only a process killed outright (SIGKILL, SIGTERM) can leave
+one behind, next to ``root``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from densevlm.config.core import to_dict
+from densevlm.config.toyworld import ToyWorldConfig
+from densevlm.toyworld.categories import categories, supercategory
+from densevlm.toyworld.render import render_image
+from densevlm.toyworld.writers import coco_files, dump_json, image_record, segment_ids, write_image_files
+from densevlm.utils.io import read_json
+
+WORLD_VERSION = 1
+SPLITS = ("train", "val")
+
+# Fork on Linux: workers start at once and need not re-import the caller's __main__ (spawn cannot do that for
+# a script read from stdin, and a pool whose workers fail to start waits forever). The workers use only
+# numpy and PIL, never the caller's threads (as PyTorch's DataLoader workers, which fork too).
+_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+# Per-process state of the workers (set by _init_worker): the config, the staging root and category maps.
+_STATE: dict[str, Any] = {}
+
+
+def split_paths(root: str | os.PathLike, split: str) -> dict[str, Path]:
+    """Where the files of ``split`` live in a toy world (the layout above)."""
+    r = Path(root)
+    ann = r / "annotations"
+    return {
+        "images": r / "images" / split,
+        "captions": ann / f"captions_{split}.json",
+        "instances": ann / f"instances_{split}.json",
+        "panoptic_json": ann / f"panoptic_{split}.json",
+        "panoptic": ann / f"panoptic_{split}",
+        "semantic": ann / f"semantic_{split}",
+    }
+
+
+def _init_worker(cfg: ToyWorldConfig, staging: str) -> None:
+    table = categories(cfg)
+    _STATE.update(
+        cfg=cfg,
+        root=Path(staging),
+        category_ids={c["name"]: c["id"] for c in table},
+        category_index={c["name"]: i for i, c in enumerate(table)},
+        colours={c["name"]: c["color"] for c in table},
+    )
+
+
+def _work(task: tuple[str, int, int]) -> tuple[str, dict[str, Any]]:
+    """Render image ``index`` of ``split``, write its image and label PNGs, return its JSON record."""
+    split, index, image_id = task
+    cfg: ToyWorldConfig = _STATE["cfg"]
+    rendered = render_image(cfg, split, index)
+    ids = segment_ids(rendered.rng, rendered, _STATE["colours"])
+    write_image_files(rendered, _STATE["root"], split, image_id, ids, _STATE["category_index"], cfg.jpeg_quality)
+    return split, image_record(rendered, image_id, ids, _STATE["category_ids"])
+
+
+def _check_target(root: Path, overwrite: bool) -> None:
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise FileExistsError(f"toy world root {root} exists and is not a directory")
+    if not any(root.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"toy world root {root} already exists and is not empty; pass overwrite=True "
+            "(--overwrite) to replace it, or choose another directory"
+        )
+    if not (root / "world.json").is_file():
+        # Overwriting replaces the directory wholesale: never do that to something that is not a toy world.
+        raise FileExistsError(
+            f"refusing to overwrite {root}: it is not empty and holds no world.json, so it is not a toy world"
+        )
+
+
+def _replace_dir(staging: Path, root: Path) -> None:
+    """Move ``staging`` onto ``root``; an existing ``root`` is moved aside first and deleted afterwards."""
+    old = None
+    if root.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
+        os.replace(root, old / root.name)
+    os.replace(staging, root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def generate_world(
+    cfg: ToyWorldConfig, root: str | os.PathLike, *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Render and write a whole toy world under ``root``; returns the content of its ``world.json``.
+
+    Refuses an existing non-empty ``root`` unless ``overwrite`` (and even then only replaces a directory
+    that is a toy world). Uses ``cfg.workers`` processes (0 = in-process); the result is byte-identical for
+    any number of workers.
+    """
+    cfg.validate()
+    root = Path(root).absolute()
+    _check_target(root, overwrite)
+    table = categories(cfg)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    try:
+        for split in SPLITS:
+            for key in ("images", "panoptic", "semantic"):
+                split_paths(staging, split)[key].mkdir(parents=True, exist_ok=True)
+        tasks = [("train", i, i + 1) for i in range(cfg.num_train)]
+        tasks += [("val", i, cfg.num_train + i + 1) for i in range(cfg.num_val)]
+        records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+        with tqdm(total=len(tasks), desc="toyworld", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            if cfg.workers == 0:
+                _init_worker(cfg, str(staging))
+                try:
+                    for split, record in map(_work, tasks):
+                        records[split].append(record)
+                        bar.update(1)
+                finally:
+                    _STATE.clear()
+            else:
+                ctx = multiprocessing.get_context(_START_METHOD)
+                chunk = max(1, min(32, len(tasks) // (cfg.workers * 8)))
+                with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, str(staging))) as pool:
+                    for split, record in pool.imap(_work, tasks, chunksize=chunk):  # imap keeps task order
+                        records[split].append(record)
+                        bar.update(1)
+        supers = {c["name"]: supercategory(c["name"]) for c in table}
+        caption_id, instance_id = 1, 1  # annotation ids are unique across splits, like image ids
+        for split in SPLITS:
+            caps, inst, pan = coco_files(records[split], table, supers, caption_id, instance_id)
+            caption_id += len(caps["annotations"])
+            instance_id += len(inst["annotations"])
+            paths = split_paths(staging, split)
+            dump_json(caps, paths["captions"])
+            dump_json(inst, paths["instances"])
+            dump_json(pan, paths["panoptic_json"])
+        world = {
+            "version": WORLD_VERSION,
+            "config": to_dict(cfg),
+            "categories": table,
+            "splits": {"train": cfg.num_train, "val": cfg.num_val},
+        }
+        dump_json(world, staging / "world.json", indent=2)
+        _replace_dir(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return world
+
+
+def load_world(root: str | os.PathLike) -> dict[str, Any]:
+    """Read ``<root>/world.json``, checking that it is a toy world of a version this code understands."""
+    r = Path(root)
+    if not r.is_dir():
+        raise FileNotFoundError(f"toy world not found: {r} is not a directory (create one with `densevlm toyworld`)")
+    path = r / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {r} is not a toy world (create one with `densevlm toyworld`)")
+    world = read_json(path, "toy world description")
+    if not isinstance(world, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(world).__name__}")
+    if world.get("version") != WORLD_VERSION:
+        raise ValueError(f"{path}: unsupported toy world version {world.get('version')!r}, expected {WORLD_VERSION}")
+    for key, kind in (("config", dict), ("categories", list), ("splits", dict)):
+        if not isinstance(world.get(key), kind):
+            raise ValueError(f"{path}: missing or invalid '{key}' (expected a JSON {kind.__name__})")
+    for i, c in enumerate(world["categories"]):
+        missing = [k for k in ("id", "name", "isthing", "novel", "synonyms", "preferred_stuff", "color") if k not in c]
+        if missing:
+            raise ValueError(f"{path}: categories[{i}] lacks {missing}")
+    return world
