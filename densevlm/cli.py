@@ -204,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our own messages at INFO; third-party libraries (open_clip, timm, accelerate) only from WARNING on.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("densevlm").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.fn(args)
     except ConfigError as err:

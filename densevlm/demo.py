@@ -3,7 +3,11 @@
 Stages (each reused on a re-run when its outputs exist and its config is unchanged):
 1. generate the toy world;
 2. contrastively pre-train the tiny CLIP on its captions, and report image-level zero-shot quality;
-3. figures: a contact sheet of toy images with captions and panoptic overlays, zero-shot confusion matrices.
+3. CLIPSelf-tune a copy of it: the strong teacher (the paper's P-VLM is a CLIPSelf-tuned model);
+4. DenseVLM-tune the student from the pre-trained base with that teacher, on the seen classes only;
+5. region classification of base, CLIPSelf and DenseVLM on toy val (six keys, seen and novel), the table,
+   and figures: toy images with panoptic overlays, zero-shot confusion matrices, foreground bias before and
+   after, per-token probability maps.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import yaml
 from PIL import Image
 
 from densevlm.config import to_dict
-from densevlm.config.demo import DemoConfig
+from densevlm.config.demo import TOY_MODEL, DemoConfig
+from densevlm.config.model import ModelSpec
 from densevlm.engine.run_dir import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
 from densevlm.utils.io import atomic_write_json, read_json
 
@@ -103,23 +108,135 @@ def world_figure(world: Path, out: Path, n: int) -> Path:
     return image_grid(images, titles, out, cols=4)
 
 
+def align_configs(cfg: DemoConfig, world: Path) -> tuple[Any, Any]:
+    """The CLIPSelf (teacher-making) and DenseVLM stage configs, linked to the world and to each other."""
+    out = Path(cfg.output_dir)
+    base = str(out / "pretrain")
+    clip = copy.deepcopy(cfg.clipself)
+    clip.output_dir = str(out / "clipself")
+    clip.student.pretrained = base
+    clip.data.source.kind, clip.data.source.path, clip.data.source.split = "toyworld", str(world), "train"
+    dense = copy.deepcopy(cfg.densevlm)
+    dense.output_dir = str(out / "densevlm")
+    dense.student.pretrained = base
+    dense.teacher.pretrained = clip.output_dir
+    dense.student_text.vocabulary = dense.teacher_text.vocabulary = str(world)
+    dense.data.source.kind, dense.data.source.path, dense.data.source.split = "toyworld", str(world), "train"
+    return clip, dense
+
+
+def align_stage(label: str, acfg: Any, fresh: bool) -> dict[str, Any]:
+    from densevlm.engine.align import run_align
+
+    run_dir = Path(acfg.output_dir)
+    if not fresh and _stage_done(run_dir, acfg):
+        print(f"{label}: reusing {run_dir}")
+        return read_json(run_dir / METRICS_FILE)
+    t0 = time.time()
+    result = run_align(acfg, overwrite=True)
+    print(f"{label}: {result.global_step} steps in {time.time() - t0:.0f}s -> {run_dir}")
+    return result.metrics
+
+
+def eval_stage(cfg: DemoConfig, world: Path, models: dict[str, str], fresh: bool) -> dict[str, Any]:
+    """Region classification of each run directory; reused when config and weights are unchanged."""
+    from densevlm.config.evaluation import PanopticDataConfig, RegionEvalConfig
+    from densevlm.evaluation.regions import evaluate_regions
+    from densevlm.models import create_backbone
+
+    results = {}
+    for name, run_dir in models.items():
+        text = copy.deepcopy(cfg.eval.text)
+        text.vocabulary = text.vocabulary or str(world)  # the world's own classes, with their novel flags
+        ecfg = RegionEvalConfig(
+            output_dir=str(Path(cfg.output_dir) / "eval" / name),
+            model=ModelSpec(name=TOY_MODEL, pretrained=run_dir),
+            data=PanopticDataConfig(panoptic_json=str(world / "annotations" / "panoptic_val.json"),
+                                    image_root=str(world / "images" / "val"), image_size=cfg.eval.image_size,
+                                    max_images=cfg.eval.max_images),
+            text=text, batch_size=cfg.eval.batch_size, num_workers=2, device="cpu",
+        )
+        model = create_backbone(ecfg.model)
+        saved = Path(ecfg.output_dir) / "regions.json"
+        if not fresh and saved.is_file():
+            old = read_json(saved)
+            if old.get("config") == to_dict(ecfg) and old.get("model", {}).get("weights_id") == model.weights_id:
+                results[name] = old
+                continue
+        results[name] = evaluate_regions(model, ecfg, progress=True)
+    return results
+
+
+def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, str], results: dict[str, Any],
+                 figures: Path) -> list[Path]:
+    """Foreground bias before/after, and per-token probability maps of one image under every model."""
+    from densevlm.evaluation.diagnostics import dense_probabilities, foreground_bias, plot_foreground_bias
+    from densevlm.evaluation.diagnostics import plot_probability_maps
+    from densevlm.models import create_backbone
+    from densevlm.vocab import get_templates, get_vocabulary
+    from densevlm.vocab.embeddings import build_text_embeddings
+
+    paths = [plot_foreground_bias(results, figures / "foreground_bias.png")]
+    # The stuff class the base model confuses most with a thing, and a val image showing both.
+    rows = sorted(foreground_bias(results["base"]), key=lambda r: -r["p_thing"])
+    if not rows:
+        return paths
+    stuff, thing = rows[0]["class"], rows[0]["thing"]
+    panoptic = read_json(world / "annotations" / "panoptic_val.json")
+    names = {c["id"]: c["name"] for c in panoptic["categories"]}
+    pick = panoptic["images"][0]
+    for img_info, ann in zip(panoptic["images"], panoptic["annotations"]):
+        present = {names[s["category_id"]] for s in ann["segments_info"]}
+        if stuff in present and thing in present:
+            pick = img_info
+            break
+    image = Image.open(world / "images" / "val" / pick["file_name"]).convert("RGB")
+    vocab = get_vocabulary(str(world))
+    templates = get_templates(cfg.eval.text.templates)
+    maps, crop = {}, None
+    for name, run_dir in models.items():
+        model = create_backbone(ModelSpec(name=TOY_MODEL, pretrained=run_dir))
+        text = build_text_embeddings(model, vocab, templates, progress=False)
+        maps[name], crop = dense_probabilities(model, image, text, image_size=cfg.eval.image_size)
+    paths.append(plot_probability_maps(crop, maps, vocab, stuff, figures / "probability_maps.png",
+                                       title=f"{pick['file_name']}: p({stuff}) where the base model sees {thing}"))
+    return paths
+
+
 def run_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
+    from densevlm.evaluation.regions import format_table
+
     t0 = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = world_stage(cfg, fresh)
     pre = pretrain_stage(cfg, world, fresh)
+    clip_cfg, dense_cfg = align_configs(cfg, world)
+    clip = align_stage("[3] CLIPSelf (teacher)", clip_cfg, fresh)
+    dense = align_stage("[4] DenseVLM (student)", dense_cfg, fresh)
+    models = {"base": str(out / "pretrain"), "clipself": clip_cfg.output_dir, "densevlm": dense_cfg.output_dir}
+    results = eval_stage(cfg, world, models, fresh)
+
     figures = out / "figures"
     world_figure(world, figures / "toyworld_val.png", cfg.grid_images)
+    bias_figures(cfg, world, models, results, figures)
     zs = pre.get("final", {})
-    summary = {"pretrain": zs, "seconds": round(time.time() - t0, 1)}
+    seconds = round(time.time() - t0, 1)
+    summary = {
+        "pretrain_zero_shot": zs,
+        "regions": {name: r["metrics"] for name, r in results.items()},
+        "densevlm_training": {k: dense.get(k) for k in ("empty_batches", "global_step", "train_seconds")},
+        "clipself_training": {k: clip.get(k) for k in ("global_step", "train_seconds")},
+        "seconds": seconds,
+    }
     atomic_write_json(out / "summary.json", summary)
-    print("\n[3] image-level zero-shot on toy val (prompt-ensembled text embeddings):")
+    print("\n[2] image-level zero-shot of the pre-trained CLIP on toy val (prompt-ensembled text embeddings):")
     for key in ("zeroshot.thing.top1", "zeroshot.stuff.top1", "zeroshot.thing.top1.seen",
                 "zeroshot.thing.top1.novel", "zeroshot.stuff.top1.seen", "zeroshot.stuff.top1.novel"):
         if key in zs:
             print(f"    {key:28s} {zs[key]:6.2f}")
-    print(f"figures in {figures} and {Path(cfg.output_dir) / 'pretrain' / 'figures'}; "
-          f"TensorBoard: tensorboard --logdir {cfg.output_dir}")
-    print(f"demo finished in {time.time() - t0:.0f}s")
+    print("\n[5] " + format_table(results, title="region classification on toy val (mean per-class accuracy, %; "
+                                   "novel classes never named during alignment)"))
+    print(f"\nfigures in {figures}; TensorBoard: tensorboard --logdir {cfg.output_dir}")
+    print(f"demo finished in {seconds:.0f}s")
     return summary

@@ -86,3 +86,14 @@ def test_shipped_recipes_load():
     for f in files:
         cls = recipe_class(f)
         load_config(cls, f)
+
+
+def test_partial_section_refines_the_fields_own_default():
+    """A YAML section that sets one key keeps the other values of the field's default, not the class defaults."""
+
+    @dataclass
+    class Parent:
+        inner: Inner = field(default_factory=lambda: Inner(lr=0.5, steps=7))
+
+    cfg = load_config(Parent, None, ["inner.mode=b"])
+    assert (cfg.inner.lr, cfg.inner.steps, cfg.inner.mode) == (0.5, 7, "b")

@@ -117,6 +117,11 @@ def _from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"unknown config key '{path}'{_suggest(str(key), list(fields))}")
+        default = _field_default(fields[key])
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(default) and _dataclass_in(hints[key]):
+            # A partial section refines the field's default (which may differ from its class' defaults, e.g.
+            # a recipe's preset), rather than starting again from the class defaults.
+            value = _deep_merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         obj = cls(**kwargs)
@@ -131,6 +136,14 @@ def _from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         except ValueError as err:
             raise ConfigError(f"{where or cls.__name__}: {err}") from None
     return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:

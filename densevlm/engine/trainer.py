@@ -228,6 +228,8 @@ class Trainer:
                        disable=not acc.is_local_main_process, dynamic_ncols=True)
             running: dict[str, float] = {}
             n_running = 0
+            epoch_sums: dict[str, float] = {}
+            epoch_n = 0
             for batch in loader:
                 with acc.accumulate(step_module):
                     out = self.objective(step_module, batch)
@@ -240,7 +242,9 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in {"loss": float(out.loss.detach()), **out.metrics}.items():
                     running[k] = running.get(k, 0.0) + float(v)
+                    epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
                 n_running += 1
+                epoch_n += 1
                 if not acc.sync_gradients:
                     continue
                 scheduler.step()
@@ -259,7 +263,8 @@ class Trainer:
             bar.close()
 
             last_epoch = epoch == epochs - 1 or global_step >= total_steps
-            record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step}
+            record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step,
+                                      "train": {k: round(v / max(1, epoch_n), 6) for k, v in epoch_sums.items()}}
             if acc.is_main_process and self.evaluate is not None and (
                 last_epoch or (loop.eval_every and (epoch + 1) % loop.eval_every == 0)
             ):
