@@ -68,14 +68,18 @@ def pretrain_config(cfg: DemoConfig, world: Path) -> Any:
 def pretrain_stage(cfg: DemoConfig, world: Path, fresh: bool) -> dict[str, Any]:
     from densevlm.engine.pretrain import run_pretrain
 
-    pcfg = pretrain_config(cfg, world)
-    run_dir = Path(pcfg.output_dir)
-    if not fresh and _stage_done(run_dir, pcfg):
-        print(f"[2] pre-training: reusing {run_dir}")
+    return train_stage("[2] pre-training", pretrain_config(cfg, world), run_pretrain, fresh)
+
+
+def train_stage(label: str, stage_cfg: Any, run: Any, fresh: bool) -> dict[str, Any]:
+    """Run a training job (``run(cfg, overwrite=True)``) unless its run directory already holds its result."""
+    run_dir = Path(stage_cfg.output_dir)
+    if not fresh and _stage_done(run_dir, stage_cfg):
+        print(f"{label}: reusing {run_dir}")
         return read_json(run_dir / METRICS_FILE)
     t0 = time.time()
-    result = run_pretrain(pcfg, overwrite=True)
-    print(f"[2] pre-training: {result.global_step} steps in {time.time() - t0:.0f}s -> {run_dir}")
+    result = run(stage_cfg, overwrite=True)
+    print(f"{label}: {result.global_step} steps in {time.time() - t0:.0f}s -> {run_dir}")
     return result.metrics
 
 
@@ -123,19 +127,6 @@ def align_configs(cfg: DemoConfig, world: Path) -> tuple[Any, Any]:
     dense.student_text.vocabulary = dense.teacher_text.vocabulary = str(world)
     dense.data.source.kind, dense.data.source.path, dense.data.source.split = "toyworld", str(world), "train"
     return clip, dense
-
-
-def align_stage(label: str, acfg: Any, fresh: bool) -> dict[str, Any]:
-    from densevlm.engine.align import run_align
-
-    run_dir = Path(acfg.output_dir)
-    if not fresh and _stage_done(run_dir, acfg):
-        print(f"{label}: reusing {run_dir}")
-        return read_json(run_dir / METRICS_FILE)
-    t0 = time.time()
-    result = run_align(acfg, overwrite=True)
-    print(f"{label}: {result.global_step} steps in {time.time() - t0:.0f}s -> {run_dir}")
-    return result.metrics
 
 
 def eval_stage(cfg: DemoConfig, world: Path, models: dict[str, str], fresh: bool) -> dict[str, Any]:
@@ -204,6 +195,7 @@ def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, str], results: 
 
 
 def run_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
+    from densevlm.engine.align import run_align
     from densevlm.evaluation.regions import format_table
 
     t0 = time.time()
@@ -212,8 +204,8 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
     world = world_stage(cfg, fresh)
     pre = pretrain_stage(cfg, world, fresh)
     clip_cfg, dense_cfg = align_configs(cfg, world)
-    clip = align_stage("[3] CLIPSelf (teacher)", clip_cfg, fresh)
-    dense = align_stage("[4] DenseVLM (student)", dense_cfg, fresh)
+    clip = train_stage("[3] CLIPSelf (teacher)", clip_cfg, run_align, fresh)
+    dense = train_stage("[4] DenseVLM (student)", dense_cfg, run_align, fresh)
     models = {"base": str(out / "pretrain"), "clipself": clip_cfg.output_dir, "densevlm": dense_cfg.output_dir}
     results = eval_stage(cfg, world, models, fresh)
 

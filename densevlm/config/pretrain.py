@@ -34,9 +34,14 @@ class ZeroShotConfig:
     panoptic_json: str = ""
     image_root: str = ""
     vocabulary: str = ""  # a vocabulary name or file; empty = the panoptic json's categories
-    templates: str = "detection"
+    templates: str = "vild"
     batch_size: int = 64
     max_images: Optional[int] = None
+
+    def validate(self) -> None:
+        from densevlm.vocab import get_templates
+
+        get_templates(self.templates)  # an unknown template set fails at load time, not after training
 
 
 @dataclass

@@ -1,0 +1,41 @@
+"""`densevlm demo` on the quick profile: every stage runs, writes its outputs, and a re-run reuses them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from densevlm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ["rois.thing.macc1", "rois.thing.macc5", "maskpool.thing.macc1", "maskpool.thing.macc5",
+        "maskpool.stuff.macc1", "maskpool.stuff.macc5"]
+
+
+def test_quick_demo_end_to_end_and_rerun_reuses_stages(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--config", str(REPO / "configs" / "demo" / "quick.yaml"), "--set", f"output_dir={out}"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["regions"]) == {"base", "clipself", "densevlm"}
+    for metrics in summary["regions"].values():
+        for key in KEYS:
+            assert 0.0 <= metrics[key] <= 100.0
+            assert metrics[key.replace("thing.", "thing.novel.").replace("stuff.", "stuff.novel.")] is not None
+        # top-5 is never below top-1
+        assert metrics["maskpool.stuff.macc5"] >= metrics["maskpool.stuff.macc1"]
+    assert "zeroshot.thing.top1" in summary["pretrain_zero_shot"]
+    for fig in ("toyworld_val.png", "foreground_bias.png", "probability_maps.png"):
+        assert (out / "figures" / fig).stat().st_size > 10_000, fig
+    assert (out / "pretrain" / "figures" / "zero_shot_confusion_stuff.png").is_file()
+    assert "region classification on toy val" in first and "densevlm" in first
+    weights = (out / "densevlm" / "weights.safetensors").stat().st_mtime_ns
+
+    assert main(args) == 0
+    second = capsys.readouterr().out
+    for stage in ("toy world: reusing", "pre-training: reusing", "CLIPSelf (teacher): reusing",
+                  "DenseVLM (student): reusing"):
+        assert stage in second, stage
+    assert (out / "densevlm" / "weights.safetensors").stat().st_mtime_ns == weights
+    assert json.loads((out / "summary.json").read_text())["regions"] == summary["regions"]
