@@ -57,7 +57,7 @@ def test_pretraining_lowers_the_loss_and_weights_reload_identically(world, tmp_p
     ckpt = torch.load(next((tmp_path / "run" / "checkpoints").glob("epoch_0003.pt")), weights_only=True)
     trained = create_backbone("ToyCLIP-ViT-T-16")
     trained.load_state_dict(ckpt["model"])
-    x = torch.randn(2, 3, 128, 128)  # plain open_clip runs only at the native size
+    x = torch.randn(2, 3, 96, 96)  # plain open_clip runs only at the native size
     tokens = ours.tokenizer(["a red boat on the water", "grass"])
     with torch.no_grad():
         for m in (plain, trained.eval()):

@@ -22,8 +22,10 @@ TOY_MODEL = "ToyCLIP-ViT-T-16"
 def _demo_pretrain() -> PretrainConfig:
     cfg = PretrainConfig()
     cfg.model = ModelSpec(name=TOY_MODEL)
-    cfg.loop = LoopConfig(epochs=10, batch_size=128, eval_every=0, num_workers=2, log_every=5)
-    cfg.optim = OptimConfig(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, warmup_steps=50)
+    # 96 px is the toy CLIP's native size; batch 32 gives ~1000 steps in 8 epochs (more steps beat bigger
+    # batches here: the world has 28 concepts, so a large batch is mostly false negatives).
+    cfg.loop = LoopConfig(epochs=8, batch_size=32, eval_every=0, num_workers=2, log_every=20)
+    cfg.optim = OptimConfig(lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, warmup_steps=100)
     return cfg
 
 
