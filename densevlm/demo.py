@@ -217,8 +217,10 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
     summary = {
         "pretrain_zero_shot": zs,
         "regions": {name: r["metrics"] for name, r in results.items()},
-        "densevlm_training": {k: dense.get(k) for k in ("empty_batches", "global_step", "train_seconds")},
-        "clipself_training": {k: clip.get(k) for k in ("global_step", "train_seconds")},
+        "densevlm_training": {"steps": dense.get("global_step"), "seconds": dense.get("train_seconds"),
+                              **dense["history"][-1].get("train", {})},
+        "clipself_training": {"steps": clip.get("global_step"), "seconds": clip.get("train_seconds"),
+                              **clip["history"][-1].get("train", {})},
         "seconds": seconds,
     }
     atomic_write_json(out / "summary.json", summary)

@@ -106,10 +106,9 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
                       ensemble_alpha=cfg.ensemble_alpha, on_step=on_step)
     trainer.accelerator.print(f"{cfg.method}: {len(dataset)} images at {cfg.data.image_size}px, "
                               f"{unlocked}/{n_blocks} blocks unlocked {info}")
-    result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
-    if isinstance(objective, DenseVLMObjective):
-        result.metrics["empty_batches"] = objective.empty_batches
-    return result
+    # DenseVLM's per-epoch train metrics (metrics.json "history") carry kept_fraction, thing/stuff region counts
+    # and empty_batch, the fraction of batches where no region passed the teacher's threshold.
+    return trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
 
 
 def periodic_region_eval(cfg: AlignConfig) -> Any:
