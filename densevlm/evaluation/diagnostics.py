@@ -289,7 +289,8 @@ def plot_probability_maps(
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 6), 1, 1))
+    # leave room for the suptitle so it does not run into the first row's titles
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 6), 1, 0.97 if title else 1))
     return save_figure(fig, path)
 
 

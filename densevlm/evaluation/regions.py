@@ -304,7 +304,7 @@ def evaluate_regions(model: Any, cfg: RegionEvalConfig, *, progress: bool = True
         model.eval()
     try:
         dataset = build_region_dataset(cfg, model.patch_size, model.image_mean, model.image_std)
-        vocabulary, text = text_embeddings_from_config(model, cfg.text, dataset.vocabulary)
+        vocabulary, text = text_embeddings_from_config(model, cfg.text, dataset.vocabulary, progress=progress)
         ids = vocabulary.ids
         if str(cfg.text.embeddings_path or "").endswith(".npy") and None not in ids and ids != sorted(ids):
             # Reference .npy files carry no class names; their rows follow ascending category id.

@@ -44,7 +44,8 @@ def embed_text_main(
 
 
 def text_embeddings_from_config(
-    model: TextEncoder | None, cfg: TextEmbeddingConfig, vocabulary: Vocabulary | None = None
+    model: TextEncoder | None, cfg: TextEmbeddingConfig, vocabulary: Vocabulary | None = None, *,
+    progress: bool = True,
 ) -> tuple[Vocabulary, torch.Tensor]:
     """The vocabulary and its (N, D) embeddings for ``cfg``: loaded from ``cfg.embeddings_path`` or built.
 
@@ -63,5 +64,5 @@ def text_embeddings_from_config(
     if model is None:
         raise ValueError("text embeddings: no model given and embeddings_path is not set; one of them is needed")
     templates = get_templates(cfg.templates, this_is_prefix=cfg.this_is_prefix)
-    emb = get_text_embeddings(model, vocab, templates, cfg.cache_dir, batch_size=cfg.batch_size)
+    emb = get_text_embeddings(model, vocab, templates, cfg.cache_dir, batch_size=cfg.batch_size, progress=progress)
     return vocab, emb
