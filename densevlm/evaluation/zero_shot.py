@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from densevlm.data.images import load_rgb
-from densevlm.data.transforms import to_tensor
+from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, to_tensor
 from densevlm.utils.io import read_json
 
 
@@ -75,13 +75,13 @@ def image_zero_shot(model: Any, text_embeddings: torch.Tensor, vocabulary: Any, 
     device = next(model.parameters()).device
     preds = {"thing": [], "stuff": []}
     gts = {"thing": [], "stuff": []}
-    mean, std = getattr(model, "image_mean", None), getattr(model, "image_std", None)
+    mean, std = getattr(model, "image_mean", CLIP_MEAN), getattr(model, "image_std", CLIP_STD)
     for start in tqdm(range(0, len(items), batch_size), desc="zero-shot", disable=not progress, leave=False):
         chunk = items[start:start + batch_size]
         imgs = []
         for it in chunk:
             img = load_rgb(Path(image_root) / it.file_name).resize((image_size, image_size))
-            imgs.append(to_tensor(img, *(a for a in (mean, std) if a is not None)) if mean is not None else to_tensor(img))
+            imgs.append(to_tensor(img, mean, std))
         feats = F.normalize(model.encode_image(torch.stack(imgs).to(device)).float(), dim=-1).cpu()
         sims = feats @ text.t()
         for kind, idx in (("thing", thing_idx), ("stuff", stuff_idx)):

@@ -54,7 +54,6 @@ class DenseVLMObjective:
         self.student_text = F.normalize(student_text.float(), dim=-1)
         self.thing_mask = thing_mask.bool()
         self.temperature, self.threshold = temperature, threshold
-        self.empty_batches = 0
 
     def prepare(self, device: torch.device) -> None:
         self.teacher.to(device).eval().requires_grad_(False)
@@ -95,5 +94,4 @@ class DenseVLMObjective:
         s_feats = step_model(student_region_features, images, boxes)
         s_logits = F.normalize(s_feats.float(), dim=-1) @ self.student_text.t() / self.temperature
         loss, metrics = self.loss_from_logits(t_logits, s_logits)
-        self.empty_batches += int(metrics["empty_batch"])
         return ObjectiveOutput(loss, metrics)
