@@ -129,16 +129,21 @@ def align_configs(cfg: DemoConfig, world: Path) -> tuple[Any, Any]:
     return clip, dense
 
 
-def eval_stage(cfg: DemoConfig, world: Path, models: dict[str, str], fresh: bool) -> dict[str, Any]:
-    """Region classification of each run directory; reused when config and weights are unchanged."""
+def eval_vocabulary(cfg: DemoConfig, world: Path) -> str:
+    """The classes the demo evaluates and draws: by default the world's own, with their novel flags."""
+    return cfg.eval.text.vocabulary or str(world)
+
+
+def eval_stage(cfg: DemoConfig, world: Path, run_dirs: dict[str, str], models: dict[str, Any],
+               fresh: bool) -> dict[str, Any]:
+    """Region classification of each model; reused when config and weights are unchanged."""
     from densevlm.config.evaluation import PanopticDataConfig, RegionEvalConfig
     from densevlm.evaluation.regions import evaluate_regions
-    from densevlm.models import create_backbone
 
     results = {}
-    for name, run_dir in models.items():
+    for name, run_dir in run_dirs.items():
         text = copy.deepcopy(cfg.eval.text)
-        text.vocabulary = text.vocabulary or str(world)  # the world's own classes, with their novel flags
+        text.vocabulary = eval_vocabulary(cfg, world)
         ecfg = RegionEvalConfig(
             output_dir=str(Path(cfg.output_dir) / "eval" / name),
             model=ModelSpec(name=TOY_MODEL, pretrained=run_dir),
@@ -147,7 +152,7 @@ def eval_stage(cfg: DemoConfig, world: Path, models: dict[str, str], fresh: bool
                                     max_images=cfg.eval.max_images),
             text=text, batch_size=cfg.eval.batch_size, num_workers=2, device="cpu",
         )
-        model = create_backbone(ecfg.model)
+        model = models[name]
         saved = Path(ecfg.output_dir) / "regions.json"
         if not fresh and saved.is_file():
             old = read_json(saved)
@@ -158,12 +163,11 @@ def eval_stage(cfg: DemoConfig, world: Path, models: dict[str, str], fresh: bool
     return results
 
 
-def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, str], results: dict[str, Any],
+def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, Any], results: dict[str, Any],
                  figures: Path) -> list[Path]:
     """Foreground bias before/after, and per-token probability maps of one image under every model."""
     from densevlm.evaluation.diagnostics import dense_probabilities, foreground_bias, plot_foreground_bias
     from densevlm.evaluation.diagnostics import plot_probability_maps
-    from densevlm.models import create_backbone
     from densevlm.vocab import get_templates, get_vocabulary
     from densevlm.vocab.embeddings import build_text_embeddings
 
@@ -182,11 +186,10 @@ def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, str], results: 
             pick = img_info
             break
     image = Image.open(world / "images" / "val" / pick["file_name"]).convert("RGB")
-    vocab = get_vocabulary(str(world))
+    vocab = get_vocabulary(eval_vocabulary(cfg, world))
     templates = get_templates(cfg.eval.text.templates)
     maps, crop = {}, None
-    for name, run_dir in models.items():
-        model = create_backbone(ModelSpec(name=TOY_MODEL, pretrained=run_dir))
+    for name, model in models.items():
         text = build_text_embeddings(model, vocab, templates, progress=False)
         maps[name], crop = dense_probabilities(model, image, text, image_size=cfg.eval.image_size)
     paths.append(plot_probability_maps(crop, maps, vocab, stuff, figures / "probability_maps.png",
@@ -197,6 +200,7 @@ def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, str], results: 
 def run_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
     from densevlm.engine.align import run_align
     from densevlm.evaluation.regions import format_table
+    from densevlm.models import create_backbone
 
     t0 = time.time()
     out = Path(cfg.output_dir)
@@ -206,8 +210,10 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
     clip_cfg, dense_cfg = align_configs(cfg, world)
     clip = train_stage("[3] CLIPSelf (teacher)", clip_cfg, run_align, fresh)
     dense = train_stage("[4] DenseVLM (student)", dense_cfg, run_align, fresh)
-    models = {"base": str(out / "pretrain"), "clipself": clip_cfg.output_dir, "densevlm": dense_cfg.output_dir}
-    results = eval_stage(cfg, world, models, fresh)
+    run_dirs = {"base": str(out / "pretrain"), "clipself": clip_cfg.output_dir, "densevlm": dense_cfg.output_dir}
+    # Loaded once, for the evaluation and the figures.
+    models = {name: create_backbone(ModelSpec(name=TOY_MODEL, pretrained=d)) for name, d in run_dirs.items()}
+    results = eval_stage(cfg, world, run_dirs, models, fresh)
 
     figures = out / "figures"
     world_figure(world, figures / "toyworld_val.png", cfg.grid_images)
