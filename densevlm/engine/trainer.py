@@ -69,8 +69,9 @@ def ensemble_state(student: dict[str, torch.Tensor], initial: dict[str, torch.Te
     out = {}
     for k, v in student.items():
         # Frozen tensors stay bit-exact (0.9 x + 0.1 x is not always x in floating point).
-        if torch.is_floating_point(v) and not torch.equal(v, initial[k].to(v.device)):
-            out[k] = (alpha * v.float() + (1.0 - alpha) * initial[k].to(v.device).float()).to(v.dtype)
+        init = initial[k].to(v.device)
+        if torch.is_floating_point(v) and not torch.equal(v, init):
+            out[k] = (alpha * v.float() + (1.0 - alpha) * init.float()).to(v.dtype)
         else:
             out[k] = v
     return out
