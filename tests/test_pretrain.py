@@ -90,3 +90,35 @@ def test_cli_refuses_an_existing_run_directory(world, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "precious"
     assert main(["pretrain", "--set", "loop.epochz=3"]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_context_only_predictor_names_the_commonest_thing_on_each_stuff():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "probe_supervised_ceiling.py"
+    spec = importlib.util.spec_from_file_location("probe_supervised_ceiling", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    context_only_top1 = probe.context_only_top1
+    # train: stuff 0 carries thing 2 twice and thing 1 once; stuff 1 carries thing 3; stuff 7 is unseen in train
+    acc = context_only_top1([0, 0, 0, 1], torch.tensor([2, 2, 1, 3]), [0, 1, 7, 0], torch.tensor([2, 3, 2, 1]))
+    assert acc == 75.0  # 2 right, 3 right, unseen stuff -> commonest thing overall (2) right, 1 wrong
+
+
+def test_supervised_ceiling_probe_runs_and_reports(world):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "tools" / "probe_supervised_ceiling.py"), "--world", str(world),
+         "--steps", "4", "--batch-size", "8", "--image-size", "64", "--warmup-steps", "1", "--eval-every", "2",
+         "--threads", "1"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    report = json.loads(out)
+    assert report["steps"] == 4 and report["images_seen"] == 32 and report["thing_classes"] == 20
+    assert [c["step"] for c in report["curve"]] == [2, 4]
+    assert 0.0 <= report["val_top1_largest_thing"] <= 100.0
+    assert report["chance_top1"] == 5.0
+    assert report["val_images"] <= 16 and report["train_images"] <= 64
