@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,7 +58,7 @@ def load_split(world: Path, split: str, vocab: Any, size: int) -> tuple[torch.Te
     images = np.empty((len(items), size, size, 3), dtype=np.uint8)
     for n, it in enumerate(tqdm(items, desc=f"decode {split}", leave=False)):
         img = load_rgb(world / "images" / split / it.file_name)
-        images[n] = np.asarray(img.resize((size, size), resample=3))  # bicubic, as the evaluation resizes
+        images[n] = np.asarray(img.resize((size, size), resample=Image.BICUBIC))  # as the zero-shot check resizes
     labels = torch.tensor([thing_pos[it.thing] for it in items])
     stuff = [it.stuff if it.stuff is not None else -1 for it in items]
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, stuff
@@ -123,6 +124,11 @@ def main() -> None:
     scheduler = build_scheduler(optimizer, optim_cfg, args.steps)
     mean = torch.tensor(model.image_mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(model.image_std).view(1, 3, 1, 1) * 255
+
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch (kept as uint8 in memory: a quarter of float32) -> the model's normalised input."""
+        return (images.float() - mean) / std
+
     gen = torch.Generator().manual_seed(args.seed)
 
     def evaluate() -> float:
@@ -130,7 +136,7 @@ def main() -> None:
         correct = 0
         with torch.no_grad():
             for i in range(0, len(x_val), 128):
-                logits = probe((x_val[i:i + 128].float() - mean) / std)
+                logits = probe(normalise(x_val[i:i + 128]))
                 correct += int((logits.argmax(1) == y_val[i:i + 128]).sum())
         probe.train()
         return correct / len(x_val) * 100
@@ -140,7 +146,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for step in tqdm(range(args.steps), desc="supervised probe"):
         idx = torch.randint(len(x_train), (args.batch_size,), generator=gen)
-        x = (x_train[idx].float() - mean) / std
+        x = normalise(x_train[idx])
         flip = torch.rand(args.batch_size, 1, 1, 1, generator=gen) < 0.5  # the pre-training's only free augmentation
         x = torch.where(flip, x.flip(3), x)
         loss = F.cross_entropy(probe(x), y_train[idx])
