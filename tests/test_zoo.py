@@ -187,13 +187,13 @@ def test_zoo_pretraining_recipe_runs_a_few_steps_and_its_loss_falls(world, tmp_p
 
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "zoo_student.yaml", [
         f"output_dir={tmp_path / 'run'}", f"data.captions_json={world / 'annotations' / 'captions_train.json'}",
-        f"data.image_root={world / 'images' / 'train'}", "eval.panoptic_json=", "loop.epochs=4",
+        f"data.image_root={world / 'images' / 'train'}", "eval.panoptic_json=", "loop.epochs=6",
         "loop.batch_size=16", "loop.num_workers=0", "loop.cpu=true", "optim.warmup_steps=2", "optim.lr=2e-3",
     ])
     assert cfg.model.name == "ToyCLIP-ViT-S-16" and cfg.data.image_size == 128 and cfg.optim.grad_clip == 1.0
     result = run_pretrain(cfg)
     losses = [h["train"]["loss"] for h in result.metrics["history"]]
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:2]), losses
 
 
 def test_every_zoo_recipe_loads_and_names_its_architecture():
