@@ -38,6 +38,9 @@ class GridRegionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def image_name(self, index: int) -> str:
+        return self.source.image_name(index)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
             img = self.source.load(index)
@@ -50,7 +53,7 @@ class GridRegionDataset(Dataset):
         canvas, scale = resize_longest_pad(img, self.image_size)
         boxes, valid, pixel = grid_boxes(img.width, img.height, scale, self.image_size, rng, self.choices,
                                          self.max_boxes)
-        item = {"image": to_tensor(canvas, self.mean, self.std), "boxes": boxes, "valid": valid}
+        item = {"image": to_tensor(canvas, self.mean, self.std), "boxes": boxes, "valid": valid, "index": index}
         if self.crop_size:
             crops = torch.zeros(self.max_boxes, 3, self.crop_size, self.crop_size)
             for k in range(int(valid.sum())):

@@ -1,0 +1,80 @@
+"""Preemption: SIGTERM or SIGUSR1 asks the loop to finish its step, write a checkpoint and exit with a known code.
+
+Cluster schedulers send SIGTERM (SLURM: SIGTERM, then SIGKILL after ``KillWait``; ``--signal=USR1@120`` sends
+SIGUSR1 ahead of the time limit). The handler only sets a flag; the loop checks it after every optimiser step and,
+on several processes, all-reduces it so that every rank stops after the same step, even when only one was
+signalled.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any, Optional
+
+import torch
+
+#: Exit code of a preempted run (EX_TEMPFAIL of sysexits.h: "temporary failure, try again"); rerun with --resume.
+PREEMPTED_EXIT_CODE = 75
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingPreempted(Exception):
+    """Training stopped on a signal after writing a checkpoint; ``--resume`` continues it."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Any) -> None:
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"{signal_name} received: stopped after step {step} and saved {checkpoint}; "
+                         "rerun the same command with --resume to continue")
+
+
+class PreemptionWatch:
+    """Context manager that turns SIGTERM/SIGUSR1 into a flag (previous handlers restored on exit).
+
+    Outside the main thread signal handlers cannot be installed; the watch then never fires.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.signal_name: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> "PreemptionWatch":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def requested(self, accelerator: Any) -> Optional[str]:
+        """The signal's name if any process was signalled (agreed by all ranks), else None."""
+        if accelerator.num_processes == 1:
+            return self.signal_name
+        import torch.distributed as dist
+
+        # Which signal: index into SIGNALS + 1 (0 = none); the max over ranks is what everyone acts on.
+        code = 0 if self.signal_name is None else 1 + [s.name for s in SIGNALS].index(self.signal_name)
+        flag = torch.tensor([code], device=accelerator.device, dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        code = int(flag.item())
+        return None if code == 0 else SIGNALS[code - 1].name
+
+
+def ignore_in_workers(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the preemption signals, which the main process handles.
+
+    A scheduler signals every process of the job; a worker killed by SIGTERM would crash the loader before the
+    main process could finish its step and save. Workers still exit when the main process goes away.
+    """
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
