@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import math
 import time
@@ -174,9 +175,12 @@ class Trainer:
             return [state]
         import torch.distributed as dist
 
-        states: list[Any] = [None] * self.accelerator.num_processes
-        dist.all_gather_object(states, state)
-        return states
+        # Sent as torch.save bytes (pickled tensors do not survive all_gather_object), read back weights-only.
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        blobs: list[Any] = [None] * self.accelerator.num_processes
+        dist.all_gather_object(blobs, buf.getvalue())
+        return [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank."""
