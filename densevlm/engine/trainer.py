@@ -366,6 +366,7 @@ class Trainer:
                             nonfinite = True
                         if self._any_rank(nonfinite):
                             if loop.on_nonfinite == "stop":
+                                bar.close()
                                 last = latest_checkpoint(self.run_dir) if acc.is_main_process else None
                                 what = "loss" if not loss_finite else "gradient"
                                 raise NonFiniteError(
