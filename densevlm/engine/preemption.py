@@ -13,8 +13,6 @@ import threading
 from types import FrameType
 from typing import Any, Optional
 
-import torch
-
 #: Exit code of a preempted run (EX_TEMPFAIL of sysexits.h: "temporary failure, try again"); rerun with --resume.
 PREEMPTED_EXIT_CODE = 75
 
@@ -60,6 +58,7 @@ class PreemptionWatch:
         """The signal's name if any process was signalled (agreed by all ranks), else None."""
         if accelerator.num_processes == 1:
             return self.signal_name
+        import torch
         import torch.distributed as dist
 
         # Which signal: index into SIGNALS + 1 (0 = none); the max over ranks is what everyone acts on.
