@@ -60,6 +60,11 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
+def _describe(text: str) -> str:
+    """Paragraphs wrapped for the terminal; example lines kept whole so they can be copied."""
+    return "\n".join(par if par.startswith("example") else textwrap.fill(par, 116) for par in text.split("\n"))
+
+
 def _add_config_args(p: argparse.ArgumentParser, default_help: str,
                      example: str = "loop.epochs=2 optim.lr=1e-5") -> None:
     p.add_argument("--config", "-c", metavar="FILE", default=None,
@@ -164,13 +169,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     r = sub.add_parser("regions", help="region classification (reference protocol): boxes and masks of ground-truth "
                        "panoptic segments, mean per-class accuracy top-1/top-5 for things and stuff",
-                       description="Region classification on a COCO-panoptic-format dataset with the reference "
+                       description=_describe("Region classification on a COCO-panoptic-format dataset with the reference "
                        "protocol: each ground-truth segment is pooled from the model's dense features (its box: "
                        "'rois'; its mask: 'maskpool') and classified against the vocabulary's text embeddings; "
                        "mean per-class accuracy top-1/top-5 for things and stuff (seen/novel where the vocabulary "
                        "has a split). Writes regions.json, a per-class table and a foreground-bias figure into "
                        "output_dir.\n\nexample: densevlm eval regions --config configs/eval/regions_coco_eva02_b16.yaml "
-                       "--set model.pretrained=runs/densevlm_eva02_b16_coco",
+                       "--set model.pretrained=runs/densevlm_eva02_b16_coco"),
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(r, "the dataclass defaults; see configs/eval/",
                      example="model.pretrained=runs/densevlm_toy data.image_size=192 batch_size=8")
@@ -250,9 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging, and full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, add_args, fn in COMMANDS:
-        description = "\n".join(textwrap.fill(par, 116) if not par.startswith("example") else par
-                                for par in DESCRIPTIONS.get(name, help_text).split("\n"))
-        p = sub.add_parser(name, help=help_text, description=description, epilog=EXIT_CODES, formatter_class=fmt)
+        p = sub.add_parser(name, help=help_text, description=_describe(DESCRIPTIONS.get(name, help_text)),
+                           epilog=EXIT_CODES, formatter_class=fmt)
         add_args(p)
         if fn is not None:  # commands with sub-tasks (eval) set fn on their own sub-parsers
             p.set_defaults(fn=fn)
