@@ -276,6 +276,28 @@ def _pretrain_bad_image(kind: str, *sets: str) -> Callable[[Env], list[str]]:
     return argv
 
 
+def _resume_after(env: Env, damage: Callable[[Path], None]) -> list[str]:
+    """Train 2 steps, damage the checkpoint with ``damage(path)``, then ``--resume``."""
+    argv = train_argv(env)
+    assert cli.main(argv) == 0
+    damage(env.out / "run" / "checkpoints" / "step_00000002.pt")
+    return argv + ["--resume"]
+
+
+def _swap_model(ckpt: Path) -> None:
+    """Replace the checkpoint by one of a model with other shapes, with a valid checksum (someone copied it in)."""
+    from densevlm.engine.checkpoint import CKPT_DIR, LATEST, sha256_of
+
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim else v
+                      for k, v in state["model"].items()}
+    torch.save(state, ckpt)
+    pointer = ckpt.parent / LATEST
+    info = json.loads(pointer.read_text())
+    info["checkpoints"][-1]["sha256"] = sha256_of(ckpt)
+    pointer.write_text(json.dumps(info))
+
+
 def _json_file(env: Env, name: str, text: str) -> str:
     path = env.tmp / name
     path.write_text(text)
@@ -354,6 +376,19 @@ CASES: list[Case] = [
          1, r"cannot read image {tmp}/images/bad_corrupt\.png", "error naming the file", check=_out_is_absent),
     Case("train", "truncated image in the folder", _with_bad_image("truncated"),
          1, r"cannot read image {tmp}/images/bad_truncated\.png", "error naming the file"),
+    Case("train", "corrupt image with data.source.skip_bad_images=true",
+         lambda e: (_bad_png(e, e.images(), "corrupt"),
+                    train_argv(e, "data.source.skip_bad_images=true", images=e.tmp / "images"))[1],
+         0, r"cannot read image {tmp}/images/bad_corrupt\.png: .*; skipped \(data\.source\.skip_bad_images\)",
+         "a warning naming the file; training goes on"),
+    Case("train", "--resume from a truncated checkpoint (no older one)",
+         lambda e: _resume_after(e, lambda ckpt: ckpt.write_bytes(ckpt.read_bytes()[:1000])),
+         1, r"no usable checkpoint: checkpoint {tmp}/out/run/checkpoints/step_00000002\.pt is corrupted or truncated",
+         "refused naming the file (with an older good one: a warning and resume from it)"),
+    Case("train", "--resume from a checkpoint of another model",
+         lambda e: _resume_after(e, _swap_model),
+         1, r"checkpoint {tmp}/out/run/checkpoints/step_00000002\.pt does not fit this model/optimiser: .*size mismatch",
+         "refused naming the file and the mismatching tensors"),
     Case("train", "grayscale, CMYK, 16-bit, palette and RGBA images",
          lambda e: train_argv(e, images=_odd_modes(e)),
          0, r"densevlm training done", "accepted: converted to 8-bit RGB (16-bit scaled, not clipped)"),
@@ -510,3 +545,19 @@ def test_top_level_help_is_for_users(capsys):
     assert "thin layer" not in text and "Region-language alignment" in text
     for command in ("toyworld", "pretrain", "train", "eval", "embed-text", "demo"):
         assert re.search(rf"^\s+{command}\s+\S", text, re.M), command
+
+
+def markdown_table(cases: list[Case] = CASES) -> str:
+    """The README's "Failure behaviour" table: one row per case."""
+    rows = ["| command | bad input | exit | behaviour |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{c.command}` | {c.bad_input} | {c.code} | {c.behaviour} |" for c in cases]
+    return "\n".join(rows)
+
+
+def test_readme_failure_table_is_this_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate it: python tests/test_bad_inputs.py"
+
+
+if __name__ == "__main__":
+    print(markdown_table())

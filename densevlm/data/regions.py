@@ -44,10 +44,10 @@ class GridRegionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
             img = self.source.load(index)
-        except ImageReadError:
+        except ImageReadError as err:
             if not self.source.cfg.skip_bad_images:
                 raise
-            log.warning("unreadable image %d of %s skipped", index, self.source.cfg.path)
+            log.warning("%s; skipped (data.source.skip_bad_images), the next image used instead", err)
             return self[(index + 1) % len(self)]
         rng = item_rng(self.seed, self.epoch, index)
         canvas, scale = resize_longest_pad(img, self.image_size)

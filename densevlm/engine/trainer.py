@@ -252,8 +252,9 @@ class Trainer:
                     acc.unwrap_model(step_module).model.load_state_dict(state["model"])
                     optimizer.load_state_dict(state["optimizer"])
                 except (RuntimeError, ValueError, KeyError) as err:
+                    detail = " ".join(line.strip() for line in str(err).splitlines())
                     raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model/optimiser: "
-                                          f"{str(err).splitlines()[0][:400]}") from None
+                                          f"{detail[:500]}") from None
                 scheduler.load_state_dict(state["scheduler"])
                 if acc.scaler is not None and state.get("scaler"):
                     acc.scaler.load_state_dict(state["scaler"])
