@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -72,12 +73,12 @@ class RunCfg:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.01))
 
 
-def main() -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to wait after each step")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cfg = RunCfg()
     run_dir = prepare_run_dir_once(args.run_dir, cfg, cpu=True, resume=args.resume)
     torch.manual_seed(0)

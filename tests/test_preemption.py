@@ -1,8 +1,8 @@
 """Kill training from outside (SIGKILL, SIGTERM; 1 process and 2 gloo processes), resume, and get identical weights.
 
-Every run is a subprocess of tests/preempt_worker.py (a dropout model, gradient accumulation 2, ensembling, step
-checkpoints every 2 steps), with the same thread count, so the uninterrupted run and the resumed one are computed
-the same way and must agree bit for bit.
+Every run is tests/preempt_worker.py (a dropout model, gradient accumulation 2, ensembling, step checkpoints every
+2 steps) with one thread: the runs that are killed in subprocesses, the single-process reference and resumes in
+this process (same numbers, no start-up cost), so they are computed the same way and must agree bit for bit.
 """
 
 from __future__ import annotations
@@ -38,48 +38,77 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cmd(run_dir: Path, nproc: int, resume: bool = False, sleep: float = 0.0) -> list[str]:
-    args = [str(WORKER), str(run_dir), "--sleep", str(sleep)] + (["--resume"] if resume else [])
-    if nproc == 1:
-        return [sys.executable] + args
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(_free_port())] + args
+def _start(run_dir: Path, nproc: int, resume: bool = False, sleep: float = 0.0, stdout=subprocess.PIPE
+           ) -> list[subprocess.Popen]:
+    """The worker on ``nproc`` processes, started directly with the env:// variables ``torchrun`` would set
+    (without its agent process, which costs one more torch import)."""
+    cmd = [sys.executable, str(WORKER), str(run_dir), "--sleep", str(sleep)] + (["--resume"] if resume else [])
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        env = dict(ENV)
+        if nproc > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        err = open(run_dir.parent / f"{run_dir.name}.{'resume' if resume else 'run'}{rank}.stderr", "w")
+        procs.append(subprocess.Popen(cmd, stdout=stdout if rank == 0 else subprocess.DEVNULL, stderr=err,
+                                      text=True, env=env, start_new_session=True))
+        err.close()
+    return procs
 
 
-def _run(run_dir: Path, nproc: int = 1, resume: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_cmd(run_dir, nproc, resume), capture_output=True, text=True, timeout=240, env=ENV)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+def _stderr(run_dir: Path) -> str:
+    return "".join(p.read_text()[-2000:] for p in sorted(run_dir.parent.glob(f"{run_dir.name}.*.stderr")))
+
+
+def _run(run_dir: Path, nproc: int = 1, resume: bool = False) -> str:
+    """Run to the end; rank 0's stdout."""
+    procs = _start(run_dir, nproc, resume)
+    out = procs[0].communicate(timeout=240)[0]
+    codes = [p.wait(timeout=60) for p in procs]
+    assert codes == [0] * nproc, out[-2000:] + _stderr(run_dir)
+    return out
+
+
+def _run_here(run_dir: Path, resume: bool = False) -> None:
+    """One process, run in this one with the subprocesses' single thread (same numbers, no start-up cost)."""
+    sys.path.insert(0, str(WORKER.parent))
+    import preempt_worker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert preempt_worker.main([str(run_dir)] + (["--resume"] if resume else [])) == 0
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(WORKER.parent))
 
 
 def _interrupt(run_dir: Path, sig: int, at_step: int, nproc: int = 1, target_rank: Optional[int] = None
-               ) -> tuple[int, int]:
-    """Start a run, send ``sig`` once rank 0 reports ``at_step`` (to ``target_rank``'s process, or the whole
-    group); return (exit code, last step reported)."""
-    err = open(run_dir.parent / f"{run_dir.name}.stderr", "w")
-    proc = subprocess.Popen(_cmd(run_dir, nproc, sleep=0.05), stdout=subprocess.PIPE, stderr=err,
-                            text=True, env=ENV, start_new_session=True)
-    pids, last, lines = {}, 0, []
+               ) -> tuple[list[int], int]:
+    """Start a run and send ``sig`` once rank 0 reports ``at_step``, to ``target_rank``'s process or (None) to
+    every process group; return (exit codes, last step reported)."""
+    procs = _start(run_dir, nproc, sleep=0.05)
+    last, lines = 0, []
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        assert procs[0].stdout is not None
+        for line in procs[0].stdout:
             lines.append(line)
-            if m := re.match(r"pid (\d+) rank (\d+)", line):
-                pids[int(m.group(2))] = int(m.group(1))
             if m := re.match(r"step (\d+)", line):
                 last = int(m.group(1))
                 if last == at_step:
-                    if target_rank is None:
-                        os.killpg(proc.pid, sig)
-                    else:
-                        os.kill(pids[target_rank], sig)
-        rc = proc.wait(timeout=120)
+                    for rank, p in enumerate(procs):
+                        if target_rank is None:
+                            os.killpg(p.pid, sig)
+                        elif rank == target_rank:
+                            os.kill(p.pid, sig)
+        codes = [p.wait(timeout=120) for p in procs]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        err.close()
-    assert last >= at_step, "".join(lines[-30:]) + (run_dir.parent / f"{run_dir.name}.stderr").read_text()[-3000:]
-    return rc, last
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert last >= at_step, "".join(lines[-30:]) + _stderr(run_dir)
+    return codes, last
 
 
 def _weights_equal(a: Path, b: Path) -> None:
@@ -96,20 +125,21 @@ def _pointer(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ref") / "run"
-    _run(run)
+    _run_here(run)
     return run
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tmp_path):
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tmp_path, capsys):
     at = random.Random(11).choice([s for s in range(STEPS_1P) if s % 6 in (3, 4)])  # mid-epoch, between checkpoints
     run = tmp_path / "run"
-    rc, last = _interrupt(run, signal.SIGKILL, at)
+    (rc,), last = _interrupt(run, signal.SIGKILL, at)
     assert rc == -signal.SIGKILL and not (run / "weights.safetensors").exists()
     saved = _pointer(run)["checkpoints"][-1]
     assert saved["step"] <= last and not saved["epoch_complete"]  # resumes inside the epoch
-    proc = _run(run, resume=True)
-    m = re.search(r"resumed from \S+ \(epoch (\d+), batch (\d+)/12, step (\d+)\) in ([\d.]+)s", proc.stdout)
-    assert m and int(m.group(3)) == saved["step"], proc.stdout[-1000:]
+    _run_here(run, resume=True)
+    out = capsys.readouterr().out
+    m = re.search(r"resumed from \S+ \(epoch (\d+), batch (\d+)/12, step (\d+)\) in ([\d.]+)s", out)
+    assert m and int(m.group(3)) == saved["step"], out[-1000:]
     assert last - saved["step"] <= 3  # steps lost: at most the checkpoint interval plus the step in flight
     _weights_equal(uninterrupted, run)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -119,13 +149,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tm
 
 def test_sigterm_checkpoints_the_step_and_exits_75_then_resume_is_bit_identical(uninterrupted, tmp_path):
     run = tmp_path / "run"
-    rc, last = _interrupt(run, signal.SIGTERM, 9)
+    (rc,), last = _interrupt(run, signal.SIGTERM, 9)
     assert rc == PREEMPTED_EXIT_CODE
     info = json.loads((tmp_path / "run.rank0.json").read_text())
     saved = _pointer(run)["checkpoints"][-1]
     # no step lost: the checkpoint is of the last step the run reported
     assert info["signal"] == "SIGTERM" and info["step"] == saved["step"] == last and saved["reason"] == "preempt"
-    _run(run, resume=True)
+    _run_here(run, resume=True)
     _weights_equal(uninterrupted, run)
 
 
@@ -134,8 +164,8 @@ def test_two_gloo_processes_agree_on_the_step_to_save_and_resume_bit_identical(t
     _run(ref, nproc=2)
     run = tmp_path / "run"
     # only rank 1 is signalled (SIGUSR1, as SLURM's --signal sends): both ranks must stop after the same step
-    rc, last = _interrupt(run, signal.SIGUSR1, 4, nproc=2, target_rank=1)
-    assert rc != 0
+    codes, last = _interrupt(run, signal.SIGUSR1, 4, nproc=2, target_rank=1)
+    assert codes == [PREEMPTED_EXIT_CODE] * 2
     r0 = json.loads((tmp_path / "run.rank0.json").read_text())
     r1 = json.loads((tmp_path / "run.rank1.json").read_text())
     assert r0["step"] == r1["step"] == _pointer(run)["checkpoints"][-1]["step"] and r0["signal"] == "SIGUSR1"

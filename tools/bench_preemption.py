@@ -63,7 +63,7 @@ class Run:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)
         self.stdout, self.stderr, self.step, self.epoch_base, self.first_step_at = "", "", 0, 0, None
-        self.steps_per_epoch = None
+        self.steps_per_epoch, self.start_step = None, None
         threading.Thread(target=self._read_err, daemon=True).start()
         threading.Thread(target=self._read_out, daemon=True).start()
 
@@ -80,7 +80,9 @@ class Run:
             for e, k in re.findall(r"epoch (\d+)/\d+:[^\r\n]*?\| *(\d+)/\d+ \[", chunk):
                 if self.steps_per_epoch:
                     step = (int(e) - 1) * self.steps_per_epoch + int(k)
-                    if step > self.step and self.first_step_at is None and step > 0:
+                    if self.start_step is None:  # the bar's first state: where this process starts
+                        self.start_step = step
+                    elif step > self.start_step and self.first_step_at is None:
                         self.first_step_at = time.time()
                     self.step = max(self.step, step)
 

@@ -54,19 +54,25 @@ class PreemptionWatch:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    @property
+    def code(self) -> int:
+        """The received signal as a number for an all-reduce: 0 none, else 1 + its index in SIGNALS."""
+        return 0 if self.signal_name is None else 1 + [s.name for s in SIGNALS].index(self.signal_name)
+
+    @staticmethod
+    def name_of(code: int) -> Optional[str]:
+        return None if code == 0 else SIGNALS[code - 1].name
+
     def requested(self, accelerator: Any) -> Optional[str]:
-        """The signal's name if any process was signalled (agreed by all ranks), else None."""
+        """The signal's name if any process was signalled (agreed by all ranks: the max code), else None."""
         if accelerator.num_processes == 1:
             return self.signal_name
         import torch
         import torch.distributed as dist
 
-        # Which signal: index into SIGNALS + 1 (0 = none); the max over ranks is what everyone acts on.
-        code = 0 if self.signal_name is None else 1 + [s.name for s in SIGNALS].index(self.signal_name)
-        flag = torch.tensor([code], device=accelerator.device, dtype=torch.int32)
+        flag = torch.tensor([self.code], device=accelerator.device, dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        code = int(flag.item())
-        return None if code == 0 else SIGNALS[code - 1].name
+        return self.name_of(int(flag.item()))
 
 
 def ignore_in_workers(worker_id: int) -> None:

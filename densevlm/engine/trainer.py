@@ -182,15 +182,18 @@ class Trainer:
         dist.all_gather_object(blobs, buf.getvalue())
         return [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is true on any rank."""
+    def _agree(self, nonfinite: bool, watch: PreemptionWatch) -> tuple[bool, Optional[str]]:
+        """(whether any rank's step was non-finite, the signal any rank received), the same on every rank.
+
+        One all-reduce per step carries both flags.
+        """
         if self.accelerator.num_processes == 1:
-            return flag
+            return nonfinite, watch.signal_name
         import torch.distributed as dist
 
-        t = torch.tensor([int(flag)], device=self.accelerator.device, dtype=torch.int32)
+        t = torch.tensor([int(nonfinite), watch.code], device=self.accelerator.device, dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(t[0].item()), watch.name_of(int(t[1].item()))
 
     def _batch_images(self, batch: Any) -> str:
         """The batch's images for error messages: dataset indices, with file names where the dataset knows them."""
@@ -336,7 +339,7 @@ class Trainer:
                            desc=f"epoch {epoch + 1}/{epochs}", disable=not acc.is_local_main_process,
                            dynamic_ncols=True)
                 pending: list[dict[str, float]] = []  # metrics of the micro-batches of the current step
-                nonfinite = False
+                nonfinite, signal_name = False, None
 
                 def partial_state() -> dict[str, Any]:
                     return {"running": running, "n_running": n_running, "epoch_sums": epoch_sums,
@@ -365,7 +368,8 @@ class Trainer:
                         # Under fp16 the grad scaler owns overflowing gradients (it skips those steps itself).
                         if acc.scaler is None and grad_norm is not None and not bool(torch.isfinite(grad_norm)):
                             nonfinite = True
-                        if self._any_rank(nonfinite):
+                        bad, signal_name = self._agree(nonfinite, watch)
+                        if bad:
                             if loop.on_nonfinite == "stop":
                                 bar.close()
                                 last = latest_checkpoint(self.run_dir) if acc.is_main_process else None
@@ -404,8 +408,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
                         running, n_running = {}, 0
                     end_of_epoch = batches_done >= len(loader) or global_step >= total_steps
-                    signal_name = watch.requested(acc)
-                    if signal_name is not None:
+                    if signal_name is not None:  # received during this step, by any rank: it is the last one
                         bar.close()
                         path = save("preempt", epoch, batches_done, False, partial_state())
                         acc.end_training()
