@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import test_engine  # (this folder is on sys.path: the script's own, or added by the test that imports it)
 import torch
 from torch import nn
 
@@ -26,14 +27,8 @@ from densevlm.engine.trainer import Trainer
 from densevlm.methods.base import ObjectiveOutput
 
 
-class Points(torch.utils.data.Dataset):
-    def __init__(self, n: int = 48) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
-
-    def __len__(self) -> int:
-        return len(self.x)
+class Points(test_engine.Points):
+    """The engine tests' 48 points, as dict items that carry their index."""
 
     def __getitem__(self, i: int) -> dict:
         return {"x": self.x[i], "y": self.y[i], "index": i}
