@@ -12,7 +12,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -82,6 +82,19 @@ def ensemble_state(student: dict[str, torch.Tensor], initial: dict[str, torch.Te
         else:
             out[k] = v
     return out
+
+
+@dataclass
+class _Position:
+    """Where a (resumed) run continues: the epoch, the batches of it already done, and the state around them."""
+
+    epoch: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    skip_batches: int = 0
+    partial: dict = field(default_factory=dict)  # the epoch's running sums so far
+    pending_rng: Optional[dict] = None  # RNG states to restore before the first resumed forward
+    initial: Optional[dict] = None  # the initial weights, for ensembling
 
 
 @dataclass
@@ -206,6 +219,45 @@ class Trainer:
             names.append(f"{i} ({name})" if name else str(i))
         return ", ".join(names)
 
+    def _resume(self, step_module: nn.Module, optimizer: Any, scheduler: Any, n_batches: int
+                ) -> Optional["_Position"]:
+        """Load the newest good checkpoint into the model, optimiser, schedule and scaler; where to continue."""
+        acc = self.accelerator
+        t0 = time.time()
+        found = load_latest_good(self.run_dir)
+        if found is None:
+            return None
+        path, state = found
+        try:
+            acc.unwrap_model(step_module).model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            detail = " ".join(line.strip() for line in str(err).splitlines())
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimiser: {detail[:500]}") from None
+        scheduler.load_state_dict(state["scheduler"])
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        complete = state.get("epoch_complete", True)  # checkpoints of the earlier format were per epoch
+        if not complete and len(rngs) != acc.num_processes:
+            raise CheckpointError(f"{path} was written mid-epoch by {len(rngs)} process(es); resume it with the "
+                                  f"same number (now {acc.num_processes})")
+        rng = rngs[acc.process_index % len(rngs)]
+        acc.step = state.get("accum_step", 0)  # accelerate's micro-batch counter decides when gradients sync
+        pos = _Position(global_step=state["global_step"], history=state["history"], initial=state.get("initial"))
+        if complete:
+            pos.epoch = state["epoch"] + 1
+            set_rng_state(rng)
+            where = f"epoch {state['epoch'] + 1} done"
+        else:
+            # Restored just before the first resumed forward: an uninterrupted run drew the loader's seed at the
+            # start of the epoch, before this state was saved.
+            pos.epoch, pos.skip_batches, pos.partial, pos.pending_rng = (
+                state["epoch"], state["batches_done"], state["partial"], rng)
+            where = f"epoch {state['epoch'] + 1}, batch {pos.skip_batches}/{n_batches}"
+        acc.print(f"resumed from {path} ({where}, step {pos.global_step}) in {time.time() - t0:.1f}s")
+        return pos
+
     # ------------------------------------------------------------------ loop
     def fit(self, *, resume: bool = False, stop_after_epoch: Optional[int] = None) -> FitResult:
         """Train; with ``resume`` continue exactly from the run directory's newest good checkpoint.
@@ -244,45 +296,12 @@ class Trainer:
         epochs = min(loop.epochs, math.ceil(total_steps / steps_per_epoch))
         scheduler = build_scheduler(optimizer, self.optim, total_steps)
 
-        start_epoch, global_step, history = 0, 0, []
-        skip_batches, partial, pending_rng = 0, {}, None
-        if resume:
-            t_resume = time.time()
-            found = load_latest_good(self.run_dir)
-            if found is not None:
-                ckpt_path, state = found
-                try:
-                    acc.unwrap_model(step_module).model.load_state_dict(state["model"])
-                    optimizer.load_state_dict(state["optimizer"])
-                except (RuntimeError, ValueError, KeyError) as err:
-                    detail = " ".join(line.strip() for line in str(err).splitlines())
-                    raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model/optimiser: "
-                                          f"{detail[:500]}") from None
-                scheduler.load_state_dict(state["scheduler"])
-                if acc.scaler is not None and state.get("scaler"):
-                    acc.scaler.load_state_dict(state["scaler"])
-                rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-                complete = state.get("epoch_complete", True)  # checkpoints of the earlier format were per epoch
-                if not complete and len(rngs) != acc.num_processes:
-                    raise CheckpointError(f"{ckpt_path} was written mid-epoch by {len(rngs)} process(es); resume "
-                                          f"it with the same number (now {acc.num_processes})")
-                rng = rngs[acc.process_index % len(rngs)]
-                if state.get("initial") is not None:
-                    initial = state["initial"]
-                global_step, history = state["global_step"], state["history"]
-                acc.step = state.get("accum_step", 0)
-                if complete:
-                    start_epoch = state["epoch"] + 1
-                    set_rng_state(rng)
-                    where = f"epoch {state['epoch'] + 1} done"
-                else:
-                    # Restored just before the first resumed forward: an uninterrupted run has drawn the loader's
-                    # seed at the start of the epoch, before this state was saved.
-                    start_epoch, skip_batches, partial, pending_rng = (
-                        state["epoch"], state["batches_done"], state["partial"], rng)
-                    where = f"epoch {state['epoch'] + 1}, batch {skip_batches}/{len(loader)}"
-                acc.print(f"resumed from {ckpt_path} ({where}, step {global_step}) "
-                          f"in {time.time() - t_resume:.1f}s")
+        pos = self._resume(step_module, optimizer, scheduler, len(loader)) if resume else None
+        pos = pos or _Position()
+        start_epoch, global_step, history = pos.epoch, pos.global_step, pos.history
+        if pos.initial is not None:  # the run's own initial weights (these are the checkpoint's, if resumed)
+            initial = pos.initial
+        skip_batches, partial, pending_rng = pos.skip_batches, pos.partial, pos.pending_rng
 
         acc.init_trackers("tensorboard")
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
