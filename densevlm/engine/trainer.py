@@ -119,6 +119,12 @@ class Trainer:
             epochs and at the end, on the weights that would be saved (ensembled when ``ensemble_alpha`` is set).
         export_state: ``fn(model) -> state dict`` written to ``weights.safetensors`` (default: ``state_dict()``).
         ensemble_alpha: if set, saved weights are ``alpha * student + (1 - alpha) * initial``.
+
+    Checkpoints (``checkpoints/``, see :mod:`densevlm.engine.checkpoint`) are written every ``loop.checkpoint_every``
+    epochs and every ``loop.checkpoint_every_steps`` steps; :meth:`fit` with ``resume`` continues from the newest
+    good one exactly. SIGTERM/SIGUSR1 end :meth:`fit` after the current step with a checkpoint and
+    :class:`~densevlm.engine.preemption.TrainingPreempted`; a non-finite loss or gradient raises
+    :class:`NonFiniteError` or skips the step (``loop.on_nonfinite``).
     """
 
     def __init__(
@@ -404,6 +410,7 @@ class Trainer:
                                 optimizer.step()
                             acc.print(f"step {global_step + 1}: non-finite loss or gradient, step skipped "
                                       f"({epoch_skipped} this epoch)")
+                            acc.log({"train/nonfinite_skipped": skipped_total + epoch_skipped}, step=global_step + 1)
                         else:
                             optimizer.step()
                             for m in pending:
