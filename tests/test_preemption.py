@@ -172,3 +172,35 @@ def test_two_gloo_processes_agree_on_the_step_to_save_and_resume_bit_identical(t
     assert not _pointer(run)["checkpoints"][-1]["epoch_complete"] or r0["step"] % 3 == 0
     _run(run, nproc=2, resume=True)
     _weights_equal(ref, run)
+
+
+def test_cli_train_exits_75_on_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
+    """The real ``densevlm train`` (DenseVLM, tiny toy CLIPs): SIGTERM -> checkpoint + exit 75; --resume -> same
+    weights as a run that was never stopped."""
+    import threading
+
+    from densevlm import cli
+    from test_bad_inputs import Env, train_argv
+
+    sets = ("loop.epochs=4", "loop.checkpoint_every_steps=1", "loop.keep_checkpoints=2")
+    ref_env, env = Env(tmp_path / "ref", tmp_path), Env(tmp_path / "run", tmp_path)
+    for e in (ref_env, env):
+        e.tmp.mkdir()
+    assert cli.main(train_argv(ref_env, *sets)) == 0
+    argv = train_argv(env, *sets)
+    pointer = env.out / "run" / "checkpoints" / LATEST
+
+    def terminate_after_first_checkpoint() -> None:
+        while not pointer.exists():
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread: the flag is set mid-training
+
+    threading.Thread(target=terminate_after_first_checkpoint, daemon=True).start()
+    assert cli.main(argv) == PREEMPTED_EXIT_CODE
+    err = capsys.readouterr().err
+    saved = _pointer(env.out / "run")["checkpoints"][-1]
+    assert saved["reason"] == "preempt" and saved["step"] < 8  # 4 images, batch 2: 8 steps in all
+    assert f"SIGTERM received: stopped after step {saved['step']} and saved {env.out}/run/checkpoints/" in err
+    assert "rerun the same command with --resume" in err and not (env.out / "run" / "weights.safetensors").exists()
+    assert cli.main(argv + ["--resume"]) == 0
+    _weights_equal(ref_env.out / "run", env.out / "run")
