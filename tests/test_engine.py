@@ -114,6 +114,19 @@ def test_run_dir_is_never_silently_overwritten(tmp_path):
         prepare_run_dir(tmp_path / "r", other, resume=True)
 
 
+def test_resume_may_change_how_a_run_is_checkpointed_and_guarded_not_what_it_computes(tmp_path, caplog):
+    cfg = RunCfg()
+    _train(tmp_path / "r", cfg, stop=1)
+    cfg.loop.checkpoint_every_steps, cfg.loop.on_nonfinite = 2, "skip"
+    with caplog.at_level("WARNING"):
+        prepare_run_dir(tmp_path / "r", cfg, resume=True)
+    assert "loop.checkpoint_every_steps None -> 2, loop.on_nonfinite 'stop' -> 'skip'" in caplog.text
+    assert "checkpoint_every_steps: 2" in (tmp_path / "r" / "config.yaml").read_text()  # the record follows
+    cfg.loop.batch_size = 4
+    with pytest.raises(ConfigError, match=r"differs in 1 key\(s\): loop.batch_size \(8 -> 4\)"):
+        prepare_run_dir(tmp_path / "r", cfg, resume=True)
+
+
 def test_weight_space_ensembling(tmp_path):
     cfg = RunCfg()
     cfg.loop.epochs = 1
