@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import logging
 from pathlib import Path
@@ -66,16 +67,35 @@ def register_model_configs() -> None:
 
 def resolve_model_name(name: str) -> str:
     """Map a user or reference model name to a registered open_clip config name, or raise ConfigError."""
-    resolved = REFERENCE_NAME_ALIASES.get(name, name).replace("/", "-")
+    from densevlm import zoo
+
+    resolved = zoo.architecture(name) or REFERENCE_NAME_ALIASES.get(name, name).replace("/", "-")
     available = open_clip.list_models()
     if resolved not in available:
-        close = difflib.get_close_matches(resolved, available, n=3, cutoff=0.6)
+        zoo_names = sorted(e.name for e in zoo.list_models())
+        close = difflib.get_close_matches(resolved, available + zoo_names, n=3, cutoff=0.6)
         hint = f" Did you mean {close}?" if close else ""
         raise ConfigError(
-            f"model name '{name}': no open_clip config with that name.{hint} Reference names accepted: "
-            f"{sorted(REFERENCE_NAME_ALIASES)}; see open_clip.list_models() for the rest."
+            f"model name '{name}': no open_clip config or zoo model with that name.{hint} Zoo models: {zoo_names}; "
+            f"reference names accepted: {sorted(REFERENCE_NAME_ALIASES)}; see open_clip.list_models() for the rest."
         )
     return resolved
+
+
+def resolve_zoo_spec(spec: ModelSpec) -> ModelSpec:
+    """A zoo name as ``name`` (with no ``pretrained``) or as ``pretrained`` means its verified shipped weights."""
+    from densevlm import zoo
+
+    if spec.pretrained and zoo.is_zoo_name(spec.pretrained) and not Path(spec.pretrained).exists():
+        entry = zoo.get_entry(spec.pretrained)
+        if spec.name and resolve_model_name(spec.name) != entry.architecture:
+            raise ConfigError(f"pretrained={spec.pretrained!r} is a zoo {entry.architecture} but name={spec.name!r} "
+                              f"is {resolve_model_name(spec.name)}")
+        return dataclasses.replace(spec, name=spec.name or entry.name,
+                                   pretrained=str(zoo.weights_path(entry.name)))
+    if not spec.pretrained and zoo.is_zoo_name(spec.name):
+        return dataclasses.replace(spec, pretrained=str(zoo.weights_path(spec.name)))
+    return spec
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +237,7 @@ def create_backbone(spec: Union[ModelSpec, str], *, device: Union[str, torch.dev
     except ValueError as err:
         raise ConfigError(f"model spec: {err}") from None
     register_model_configs()
+    spec = resolve_zoo_spec(spec)
     spec, name, weights_file, tag = _resolve_source(spec)
 
     config, model_kwargs = _final_config(name, spec.model_overrides)
