@@ -204,6 +204,28 @@ def no_half_written(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.name.endswith((".tmp", ".partial")) or ".partial" in str(p)]
 
 
+@contextlib.contextmanager
+def zoo_env(env: Env, corrupt: bool = False, drop: Optional[str] = None) -> Iterator[None]:
+    """$DENSEVLM_ZOO at a one-model zoo in the row's folder (its weights: a tiny toy CLIP)."""
+    zoo = env.tmp / "zoo"
+    zoo.mkdir()
+    weights = Path(env.weights(TINY, "tiny.safetensors")).rename(zoo / "tiny.safetensors")
+    from densevlm.models.checkpoints import sha256_file
+
+    row = {"architecture": TOY, "file": weights.name, "sha256": "0" * 64 if corrupt else sha256_file(weights)}
+    row.pop(drop, None)
+    (zoo / "manifest.json").write_text(json.dumps({"format": 1, "models": {"toy-tiny": row}}))
+    previous = os.environ.get("DENSEVLM_ZOO")
+    os.environ["DENSEVLM_ZOO"] = str(zoo)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["DENSEVLM_ZOO"]
+        else:
+            os.environ["DENSEVLM_ZOO"] = previous
+
+
 # --------------------------------------------------------------------------- the table
 @dataclass
 class Case:
@@ -213,7 +235,7 @@ class Case:
     code: int
     message: str  # a regex; "{tmp}" and "{world}" are replaced by the row's folders (escaped)
     behaviour: str  # for the README table
-    during: Optional[Callable[[], contextlib.AbstractContextManager]] = None
+    during: Optional[Callable[[Env], contextlib.AbstractContextManager]] = None  # e.g. a full disk
     check: Optional[Callable[[Env], None]] = None  # more assertions on what was (not) written
 
     @property
@@ -286,7 +308,8 @@ def _resume_after(env: Env, damage: Callable[[Path], None]) -> list[str]:
 
 def _swap_model(ckpt: Path) -> None:
     """Replace the checkpoint by one of a model with other shapes, with a valid checksum (someone copied it in)."""
-    from densevlm.engine.checkpoint import CKPT_DIR, LATEST, sha256_of
+    from densevlm.engine.checkpoint import LATEST
+    from densevlm.models.checkpoints import sha256_file
 
     state = torch.load(ckpt, weights_only=True)
     state["model"] = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim else v
@@ -294,7 +317,7 @@ def _swap_model(ckpt: Path) -> None:
     torch.save(state, ckpt)
     pointer = ckpt.parent / LATEST
     info = json.loads(pointer.read_text())
-    info["checkpoints"][-1]["sha256"] = sha256_of(ckpt)
+    info["checkpoints"][-1]["sha256"] = sha256_file(ckpt)
     pointer.write_text(json.dumps(info))
 
 
@@ -335,7 +358,7 @@ CASES: list[Case] = [
                     "--out", str(e.out / "w")],
          1, r"cannot write the toy world {tmp}/out/w: File too large \(the staging folder was removed",
          "error naming the world; --out never appears, no staging folder left",
-         during=lambda: disk_full_after(2000), check=_nothing_in("w")),
+         during=lambda e: disk_full_after(2000), check=_nothing_in("w")),
     # ---------------------------------------------------------------- pretrain
     Case("pretrain", "captions json is empty",
          lambda e: pretrain_argv(e, _json_file(e, "captions.json", ""), e.images()),
@@ -423,7 +446,7 @@ CASES: list[Case] = [
     Case("train", "full disk while writing the checkpoint (simulated)",
          lambda e: train_argv(e),
          1, r"cannot write {tmp}/out/run/checkpoints/step_00000002\.pt", "error naming the file; no partial file",
-         during=lambda: disk_full_after(200_000), check=lambda e: _nothing_in("run/checkpoints")(e)),
+         during=lambda e: disk_full_after(200_000), check=lambda e: _nothing_in("run/checkpoints")(e)),
     # ---------------------------------------------------------------- eval regions
     Case("eval regions", "panoptic json is empty",
          lambda e: eval_argv(e, _json_file(e, "pan.json", "")),
@@ -452,7 +475,7 @@ CASES: list[Case] = [
     Case("eval regions", "full disk while writing regions.json (simulated)",
          lambda e: eval_argv(e, None, "diagnostics=false"),
          1, r"cannot write {tmp}/out/eval/regions\.json", "error naming the file; no partial file",
-         during=lambda: disk_full_after(300), check=_nothing_in("eval")),
+         during=lambda e: disk_full_after(300), check=_nothing_in("eval")),
     # ---------------------------------------------------------------- embed-text
     Case("embed-text", "vocabulary json is malformed",
          lambda e: embed_argv(e, vocabulary=_json_file(e, "v.json", '{"name": "x", "classes": [{"nam": "boat"}]}')),
@@ -471,7 +494,20 @@ CASES: list[Case] = [
     Case("embed-text", "full disk while writing --out (simulated)",
          lambda e: embed_argv(e, "--out", str(e.out / "emb.safetensors")),
          1, r"cannot write {tmp}/out/emb\.safetensors", "error naming the file; no partial file",
-         during=lambda: disk_full_after(100), check=_nothing_in("")),
+         during=lambda e: disk_full_after(100), check=_nothing_in("")),
+    Case("embed-text", "unknown model name",
+         lambda e: ["embed-text", "--model", "ToyCLIP-ViT-T-61", "--vocabulary", "voc_21"],
+         2, r"model name 'ToyCLIP-ViT-T-61': no open_clip config or zoo model with that name.*ToyCLIP-ViT-T-16",
+         "error suggesting the closest names"),
+    Case("embed-text", "zoo model whose weights file is corrupted",
+         lambda e: ["embed-text", "--model", "toy-tiny", "--vocabulary", "voc_21", "--templates", "single"],
+         1, r"zoo model 'toy-tiny': weights file {tmp}/zoo/tiny\.safetensors is corrupted: sha256 [0-9a-f]{64}, "
+            r"expected 0{64}", "error naming the file and both checksums", during=lambda e: zoo_env(e, corrupt=True)),
+    # ---------------------------------------------------------------- zoo
+    Case("zoo list", "malformed zoo manifest",
+         lambda e: ["zoo", "list"],
+         1, r"{tmp}/zoo/manifest\.json: model 'toy-tiny' lacks \['sha256'\]", "error naming the file and the entry",
+         during=lambda e: zoo_env(e, drop="sha256")),
     # ---------------------------------------------------------------- demo
     Case("demo", "config with an unknown key deep inside",
          lambda e: ["demo", "--set", "densevlm.loop.epocs=1"],
@@ -482,7 +518,7 @@ CASES: list[Case] = [
 def _run(case: Case, env: Env, capsys, caplog) -> tuple[int, str]:
     """Exit code and everything the user saw: stderr, stdout and warnings (logged)."""
     argv = case.argv(env)
-    with caplog.at_level("WARNING"), case.during() if case.during else contextlib.nullcontext():
+    with caplog.at_level("WARNING"), case.during(env) if case.during else contextlib.nullcontext():
         code = cli.main(argv)
     captured = capsys.readouterr()
     return code, captured.err + captured.out + caplog.text
@@ -543,7 +579,7 @@ def test_help_override_examples_are_keys_of_the_command(command, capsys):
 def test_top_level_help_is_for_users(capsys):
     text = _help([], capsys)
     assert "thin layer" not in text and "Region-language alignment" in text
-    for command in ("toyworld", "pretrain", "train", "eval", "embed-text", "demo"):
+    for command in ("toyworld", "pretrain", "train", "eval", "embed-text", "zoo", "demo"):
         assert re.search(rf"^\s+{command}\s+\S", text, re.M), command
 
 

@@ -164,7 +164,7 @@ def _step_cfg(**loop) -> RunCfg:
 
 
 def test_step_checkpoints_keep_the_last_n_with_checksums(tmp_path):
-    from densevlm.engine.checkpoint import sha256_of
+    from densevlm.models.checkpoints import sha256_file
 
     run = _train(tmp_path / "r", _step_cfg())  # 48 points / batch 8: 6 steps per epoch, 18 in all
     pointer = json.loads((run / "checkpoints" / "latest.json").read_text())
@@ -173,7 +173,7 @@ def test_step_checkpoints_keep_the_last_n_with_checksums(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == [f"step_{s:08d}.pt" for s in steps]
     assert [e["epoch_complete"] for e in pointer["checkpoints"]] == [False, False, True]
     for e in pointer["checkpoints"]:
-        assert e["sha256"] == sha256_of(run / "checkpoints" / e["file"])
+        assert e["sha256"] == sha256_file(run / "checkpoints" / e["file"])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

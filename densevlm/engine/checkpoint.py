@@ -13,7 +13,6 @@ rename) and restores its RNG files with ``weights_only=False``, i.e. it unpickle
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import re
@@ -23,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from densevlm.models.checkpoints import sha256_file
 from densevlm.utils.io import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _entries(run_dir: Path) -> list[dict[str, Any]]:
     """The pointer's checkpoint list, oldest first ([] when there is no pointer)."""
     pointer = run_dir / CKPT_DIR / LATEST
@@ -94,7 +86,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], *, step: int, keep: in
     path = ckpt_dir / f"step_{step:08d}.pt"
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        digest = sha256_of(tmp)
+        digest = sha256_file(tmp)
     entry = {"file": path.name, "sha256": digest, "step": step, "epoch": state.get("epoch"),
              "epoch_complete": bool(state.get("epoch_complete")), "reason": reason}
     entries = [e for e in _entries(run_dir) if e.get("file") != path.name] + [entry]
@@ -120,7 +112,7 @@ def verify_checkpoint(path: Path, sha256: Optional[str]) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is listed in {LATEST} but does not exist")
     if sha256 is not None:
-        actual = sha256_of(path)
+        actual = sha256_file(path)
         if actual != sha256:
             raise CheckpointError(f"checkpoint {path} is corrupted or truncated: sha256 {actual[:12]}... differs "
                                   f"from the {sha256[:12]}... recorded when it was written")
