@@ -181,6 +181,12 @@ def _resolve_run_dir(run_dir: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
     return weights, spec
 
 
+def run_dir_spec(run_dir: str | Path) -> ModelSpec:
+    """The complete spec (architecture, overrides, weights) of a finished run directory."""
+    _, spec = _resolve_run_dir(Path(run_dir), ModelSpec(pretrained=str(run_dir)))
+    return spec
+
+
 def _pick_family(clip: torch.nn.Module) -> type[DenseCLIP]:
     visual = getattr(clip, "visual", None)
     if isinstance(visual, TimmModel) and isinstance(getattr(visual, "trunk", None), Eva):

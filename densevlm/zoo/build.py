@@ -102,6 +102,32 @@ def _hardware() -> str:
     return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
 
 
+def provenance(recipe: ZooModelRecipe, metrics: dict[str, Any], regions: dict[str, float], wall_seconds: float,
+               hardware: str, command: str, world_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The manifest's record of how a zoo model was made and how good it is.
+
+    ``metrics`` is the run's ``metrics.json`` (its final zero-shot numbers and per-epoch history become the
+    learning curve); ``regions`` the region-classification metrics at the demo's resolution.
+    """
+    zero_shot = {k: v for k, v in metrics.get("final", {}).items() if k.startswith("zeroshot.")}
+    curve = [{"epoch": h["epoch"], "step": h["step"], "loss": h.get("train", {}).get("loss"),
+              **{k: v for k, v in h.get("eval", {}).items() if k.startswith("zeroshot.") or k.endswith("macc1")}}
+             for h in metrics.get("history", [])]
+    return {
+        "recipe": recipe.recipe,
+        "world": WORLD_RECIPE,
+        "world_overrides": list(world_overrides),
+        "steps": metrics.get("global_step"),
+        "epochs": len(metrics.get("history", [])),
+        "wall_seconds": round(wall_seconds, 1),
+        "hardware": hardware,
+        "metrics": {**zero_shot, **{f"regions.{k}": v for k, v in regions.items()}},
+        "curve": curve,
+        "command": command,
+        "rebuild": "densevlm zoo build",
+    }
+
+
 def build_zoo(
     root: str | Path = "runs/zoo_build",
     *,
@@ -173,27 +199,11 @@ def build_zoo(
     result: dict[str, Any] = {}
     hardware = _hardware()
     for r in RECIPES:
-        metrics = read_json(runs[r.name] / "metrics.json")
-        zero_shot = {k: v for k, v in metrics.get("final", {}).items() if k.startswith("zeroshot.")}
-        curve = [{"epoch": h["epoch"], "step": h["step"], "loss": h.get("train", {}).get("loss"),
-                  **{k: v for k, v in h.get("eval", {}).items() if k.startswith("zeroshot.") or k.endswith("macc1")}}
-                 for h in metrics.get("history", [])]
+        hw = hardware + (" (pre-trainings side by side)" if parallel and r.command == "pretrain" else "")
         result[r.name] = {
             "run_dir": str(runs[r.name]),
-            "info": {
-                "recipe": r.recipe,
-                "world": WORLD_RECIPE,
-                "world_overrides": list(world_overrides),
-                "steps": metrics.get("global_step"),
-                "epochs": len(metrics.get("history", [])),
-                "wall_seconds": round(timings[r.name], 1),
-                "hardware": hardware + (" (pre-trainings side by side)" if parallel and r.command == "pretrain"
-                                        else ""),
-                "metrics": {**zero_shot, **{f"regions.{k}": v for k, v in regions[r.name].items()}},
-                "curve": curve,
-                "command": " && ".join(commands[r.name]),
-                "rebuild": "densevlm zoo build",
-            },
+            "info": provenance(r, read_json(runs[r.name] / "metrics.json"), regions[r.name], timings[r.name], hw,
+                               " && ".join(commands[r.name]), world_overrides),
         }
     (root / "build.json").write_text(json.dumps(result, indent=2) + "\n")
     if publish_dir is not None:
