@@ -9,19 +9,69 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from densevlm.config import ConfigError, load_config
+from densevlm.engine.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
 log = logging.getLogger("densevlm")
 
+# What `densevlm --help` and each command's --help tell a user (the module docstring above is for developers).
+USAGE = """Region-language alignment of CLIP-family models for open-vocabulary dense prediction (DenseVLM, CLIPSelf):
+generate the toy world, pre-train a CLIP, tune its dense features, evaluate region classification, build class
+text embeddings. Every command reads a YAML recipe (--config, see configs/) refined by --set KEY=VALUE."""
 
-def _add_config_args(p: argparse.ArgumentParser, default_help: str) -> None:
+EXIT_CODES = """exit codes: 0 done; 1 bad input (missing/unreadable file, bad data, bad checkpoint; the message names it);
+2 bad config or command line (the message names the key); 75 training preempted by SIGTERM/SIGUSR1 after
+writing a checkpoint (rerun the same command with --resume); 130 interrupted (Ctrl-C)."""
+
+TRAINING = """The run directory (output_dir) gets config.yaml, weights.safetensors, metrics.json, TensorBoard logs and
+checkpoints/ (every loop.checkpoint_every epochs and, with loop.checkpoint_every_steps=N, every N steps; the last
+loop.keep_checkpoints kept, each with its sha256 in checkpoints/latest.json). On SIGTERM or SIGUSR1 the run finishes
+its step, checkpoints and exits with 75; --resume continues it exactly (bit-identical on CPU). A non-finite loss or
+gradient stops it naming the step, the batch's images and the last good checkpoint (loop.on_nonfinite=skip skips
+and counts such steps)."""
+
+DESCRIPTIONS: dict[str, str] = {
+    "toyworld": "Generate the toy open-vocabulary world: procedurally drawn images of 20 thing and 8 stuff "
+                "categories with five captions each and COCO-format captions, instances, panoptic and semantic "
+                "annotations, plus a seen/novel split. The world is written into a staging folder and renamed "
+                "onto --out at the end, so --out is never half-written.\n\n"
+                "example: densevlm toyworld --config configs/toyworld/quick.yaml --out data/toyworld",
+    "pretrain": "Contrastive image-text pre-training of a CLIP (any open_clip model; the toy CLIP for the toy world) "
+                "on a COCO-captions dataset, with an image-level zero-shot check on a panoptic split.\n\n"
+                + TRAINING + "\n\nexample: densevlm pretrain --config configs/pretrain/toy.yaml --set loop.epochs=2",
+    "train": "Region-language alignment of a CLIP's dense features: DenseVLM (a frozen teacher names grid regions; "
+             "thing and stuff alignment decoupled) or CLIPSelf (self-distillation from image crops). Multi-GPU: "
+             "`accelerate launch -m densevlm.cli train ...`.\n\n"
+             + TRAINING + "\n\nexample: densevlm train --config configs/train/densevlm_toy.yaml "
+             "--set loop.checkpoint_every_steps=200",
+    "embed-text": "Build unit-norm class text embeddings of a vocabulary (built-in, a vocabulary json, a COCO "
+                  "panoptic json or a toy world) with a prompt-template set, for a run directory or an open_clip "
+                  "model; cached by model and vocabulary, written as .safetensors (with metadata) or .npy.\n\n"
+                  "example: densevlm embed-text --model runs/densevlm_toy --vocabulary data/toyworld "
+                  "--templates short --out toy.safetensors",
+    "demo": "The whole pipeline on the toy world on a CPU: generate the world, pre-train the toy CLIP, tune it with "
+            "CLIPSelf (the teacher) and DenseVLM, evaluate all three on region classification and draw the figures "
+            "under output_dir. Finished stages are reused on a re-run with the same config.\n\n"
+            "example: densevlm demo --config configs/demo/quick.yaml",
+}
+
+
+def _describe(text: str) -> str:
+    """Paragraphs wrapped for the terminal; example lines kept whole so they can be copied."""
+    return "\n".join(par if par.startswith("example") else textwrap.fill(par, 116) for par in text.split("\n"))
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_help: str,
+                     example: str = "loop.epochs=2 optim.lr=1e-5") -> None:
     p.add_argument("--config", "-c", metavar="FILE", default=None,
                    help=f"YAML config file (default: {default_help})")
     p.add_argument("--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[], nargs="+",
-                   help="override a config value, e.g. --set loop.epochs=2 optim.lr=1e-5 (repeatable)")
+                   help=f"override a config value, e.g. --set {example} (repeatable; an unknown key is an error "
+                        "naming the closest valid one)")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -119,9 +169,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     r = sub.add_parser("regions", help="region classification (reference protocol): boxes and masks of ground-truth "
                        "panoptic segments, mean per-class accuracy top-1/top-5 for things and stuff",
-                       description="Region classification on a COCO-panoptic-format dataset; writes regions.json, "
-                       "a per-class table and a foreground-bias figure into output_dir.")
-    _add_config_args(r, "the dataclass defaults; see configs/eval/")
+                       description=_describe("Region classification on a COCO-panoptic-format dataset with the reference "
+                       "protocol: each ground-truth segment is pooled from the model's dense features (its box: "
+                       "'rois'; its mask: 'maskpool') and classified against the vocabulary's text embeddings; "
+                       "mean per-class accuracy top-1/top-5 for things and stuff (seen/novel where the vocabulary "
+                       "has a split). Writes regions.json, a per-class table and a foreground-bias figure into "
+                       "output_dir.\n\nexample: densevlm eval regions --config configs/eval/regions_coco_eva02_b16.yaml "
+                       "--set model.pretrained=runs/densevlm_eva02_b16_coco"),
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(r, "the dataclass defaults; see configs/eval/",
+                     example="model.pretrained=runs/densevlm_toy data.image_size=192 batch_size=8")
     r.set_defaults(fn=cmd_eval_regions)
 
 
@@ -195,7 +252,7 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[a
 
 
 def _toyworld_args(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p, "the built-in default world; see configs/toyworld/")
+    _add_config_args(p, "the built-in default world; see configs/toyworld/", example="num_train=256 num_val=64")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing world at --out")
 
@@ -203,12 +260,14 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
 def _train_args(p: argparse.ArgumentParser, default: str) -> None:
     _add_config_args(p, default)
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in output_dir from its latest checkpoint (same config required)")
+                   help="continue the run in output_dir exactly where its newest good checkpoint left it (also "
+                        "inside an epoch; a corrupted checkpoint is refused and the previous one used); the same "
+                        "config is required")
     p.add_argument("--overwrite", action="store_true", help="delete an existing output_dir and start over")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p, "the demo profile; configs/demo/quick.yaml is the quick one")
+    _add_config_args(p, "the demo profile; configs/demo/quick.yaml is the quick one", example="output_dir=runs/demo2")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
     p.add_argument("--from-scratch", action="store_true",
                    help="re-make the student and teacher from the zoo recipes instead of using the shipped zoo "
@@ -223,7 +282,8 @@ COMMANDS: list[Command] = [
     ("train", "region-language alignment (DenseVLM or CLIPSelf) with accelerate; launch multi-GPU runs with "
      "`accelerate launch -m densevlm.cli train ...`",
      lambda p: _train_args(p, "the dataclass defaults; see configs/train/"), cmd_train),
-    ("eval", "evaluation: `densevlm eval regions --config configs/eval/...`", _eval_args, None),
+    ("eval", "evaluate a model: `densevlm eval regions --config configs/eval/...` (region classification)",
+     _eval_args, None),
     ("embed-text", "build class text embeddings for a vocabulary and template set (cached, unit norm)",
      _embed_text_args, cmd_embed_text),
     ("zoo", "the model zoo: `densevlm zoo list`, `densevlm zoo build`", _zoo_args, None),
@@ -251,11 +311,13 @@ def recipe_class(path: str | Path) -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="densevlm", description=__doc__.split("\n")[0])
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="densevlm", description=USAGE, epilog=EXIT_CODES, formatter_class=fmt)
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging, and full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, add_args, fn in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=_describe(DESCRIPTIONS.get(name, help_text)),
+                           epilog=EXIT_CODES, formatter_class=fmt)
         add_args(p)
         if fn is not None:  # commands with sub-tasks (eval) set fn on their own sub-parsers
             p.set_defaults(fn=fn)
@@ -274,6 +336,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"densevlm {args.command}: config error: {err}", file=sys.stderr)
         return 2
+    except TrainingPreempted as err:
+        print(f"densevlm {args.command}: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"densevlm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, FileExistsError, ValueError, OSError, RuntimeError) as err:
         if args.verbose:
             raise

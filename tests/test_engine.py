@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
@@ -112,6 +114,19 @@ def test_run_dir_is_never_silently_overwritten(tmp_path):
         prepare_run_dir(tmp_path / "r", other, resume=True)
 
 
+def test_resume_may_change_how_a_run_is_checkpointed_and_guarded_not_what_it_computes(tmp_path, caplog):
+    cfg = RunCfg()
+    _train(tmp_path / "r", cfg, stop=1)
+    cfg.loop.checkpoint_every_steps, cfg.loop.on_nonfinite = 2, "skip"
+    with caplog.at_level("WARNING"):
+        prepare_run_dir(tmp_path / "r", cfg, resume=True)
+    assert "loop.checkpoint_every_steps None -> 2, loop.on_nonfinite 'stop' -> 'skip'" in caplog.text
+    assert "checkpoint_every_steps: 2" in (tmp_path / "r" / "config.yaml").read_text()  # the record follows
+    cfg.loop.batch_size = 4
+    with pytest.raises(ConfigError, match=r"differs in 1 key\(s\): loop.batch_size \(8 -> 4\)"):
+        prepare_run_dir(tmp_path / "r", cfg, resume=True)
+
+
 def test_weight_space_ensembling(tmp_path):
     cfg = RunCfg()
     cfg.loop.epochs = 1
@@ -137,3 +152,122 @@ def test_schedule_and_param_groups():
     assert len(groups[0]["params"]) == 2 and groups[0]["weight_decay"] == 0.1  # the two weight matrices
     assert len(groups[1]["params"]) == len(names) - 2 and groups[1]["weight_decay"] == 0.0
     assert decay.isdisjoint({id(p) for p in groups[1]["params"]})
+
+
+def _step_cfg(**loop) -> RunCfg:
+    cfg = RunCfg()
+    cfg.loop.checkpoint_every_steps = 2
+    cfg.loop.keep_checkpoints = 3
+    for k, v in loop.items():
+        setattr(cfg.loop, k, v)
+    return cfg
+
+
+def test_step_checkpoints_keep_the_last_n_with_checksums(tmp_path):
+    from densevlm.models.checkpoints import sha256_file
+
+    run = _train(tmp_path / "r", _step_cfg())  # 48 points / batch 8: 6 steps per epoch, 18 in all
+    pointer = json.loads((run / "checkpoints" / "latest.json").read_text())
+    steps = [e["step"] for e in pointer["checkpoints"]]
+    assert steps == [14, 16, 18] and pointer["latest"] == "step_00000018.pt"
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == [f"step_{s:08d}.pt" for s in steps]
+    assert [e["epoch_complete"] for e in pointer["checkpoints"]] == [False, False, True]
+    for e in pointer["checkpoints"]:
+        assert e["sha256"] == sha256_file(run / "checkpoints" / e["file"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_corrupted_checkpoint_is_refused_and_resume_falls_back(tmp_path, caplog, damage):
+    cfg = _step_cfg(epochs=2)
+    full = load_file(str(_train(tmp_path / "full", cfg) / "weights.safetensors"))
+    part = tmp_path / "part"
+    _train(part, cfg, stop=1)  # epoch 1 done: step checkpoints 2, 4 and the epoch one at 6
+    newest = latest_checkpoint(part)
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        newest.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="densevlm.engine.checkpoint"):
+        resumed = load_file(str(_train(part, cfg, resume=True) / "weights.safetensors"))
+    assert f"checkpoint {newest} is corrupted or truncated" in caplog.text
+    assert "falling back to the previous checkpoint" in caplog.text
+    assert "step_00000004.pt (step 4)" in caplog.text
+    for k in full:  # resumed mid-epoch from step 4: still the uninterrupted result
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_resume_refuses_when_every_checkpoint_is_bad_naming_them(tmp_path):
+    from densevlm.engine.checkpoint import CheckpointError
+
+    cfg = _step_cfg(epochs=2, keep_checkpoints=2)
+    part = tmp_path / "part"
+    _train(part, cfg, stop=1)
+    for p in (part / "checkpoints").glob("*.pt"):
+        p.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint: checkpoint .*step_00000004.pt is corrupted"):
+        _train(part, cfg, resume=True)
+
+
+class NaNAt(MSE):
+    """MSE whose loss is NaN at the given (1-based) calls."""
+
+    def __init__(self, bad: set[int]) -> None:
+        self.bad, self.calls = bad, 0
+
+    def __call__(self, step_model, batch):
+        self.calls += 1
+        out = super().__call__(step_model, batch)
+        if self.calls in self.bad:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+class IndexedPoints(Points):
+    def image_name(self, i: int) -> str:
+        return f"point_{i:03d}.png"
+
+    def __getitem__(self, i: int):
+        return {"x": self.x[i], "y": self.y[i], "index": i}
+
+
+class DictMSE(NaNAt):
+    def __call__(self, step_model, batch):
+        return super().__call__(step_model, (batch["x"], batch["y"]))
+
+
+def test_nonfinite_loss_stops_naming_step_images_and_last_checkpoint(tmp_path):
+    from densevlm.engine.trainer import NonFiniteError
+
+    cfg = _step_cfg()
+    run = tmp_path / "nan"
+    prepare_run_dir(run, cfg)
+    torch.manual_seed(0)
+    trainer = Trainer(model=Net(), objective=DictMSE({5}), dataset=IndexedPoints(), loop=cfg.loop, optim=cfg.optim,
+                      run_dir=run)
+    with pytest.raises(NonFiniteError) as err:
+        trainer.fit()
+    msg = str(err.value)
+    assert "non-finite loss (loss nan) at step 5 (epoch 1, batch 5/6)" in msg
+    assert f"last good checkpoint: {run / 'checkpoints' / 'step_00000004.pt'}" in msg
+    # the batch's 8 images, by index and name, in the sampler's order for epoch 0
+    order = list(__import__("densevlm.engine.trainer", fromlist=["EpochSampler"]).EpochSampler(48, 0))[32:40]
+    assert "batch images on process 0: " + ", ".join(f"{i} (point_{i:03d}.png)" for i in order) in msg
+    assert not (run / "weights.safetensors").exists()
+
+
+def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path):
+    cfg = _step_cfg(on_nonfinite="skip", epochs=1)
+    run = tmp_path / "skip"
+    prepare_run_dir(run, cfg)
+    torch.manual_seed(0)
+    model = Net()
+    trainer = Trainer(model=model, objective=DictMSE({2, 5}), dataset=IndexedPoints(), loop=cfg.loop,
+                      optim=cfg.optim, run_dir=run)
+    result = trainer.fit()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert result.global_step == 6 and metrics["nonfinite_skipped"] == 2
+    assert metrics["history"][0]["nonfinite_skipped"] == 2
+    assert math.isfinite(metrics["history"][0]["train"]["loss"])  # the skipped steps' NaN is not averaged in
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -13,6 +13,7 @@ from densevlm.config import from_dict
 from densevlm.config.pretrain import PretrainConfig
 from densevlm.config.toyworld import ToyWorldConfig
 from densevlm.data.captions import CaptionDataset
+from densevlm.engine.checkpoint import latest_checkpoint, load_checkpoint
 from densevlm.data.images import ImageReadError
 
 
@@ -54,7 +55,8 @@ def test_pretraining_lowers_the_loss_and_weights_reload_identically(world, tmp_p
     weights = tmp_path / "run" / "weights.safetensors"
     plain = open_clip.create_model("ToyCLIP-ViT-T-16", pretrained=str(weights)).eval()
     ours = create_backbone(str(tmp_path / "run"))
-    ckpt = torch.load(next((tmp_path / "run" / "checkpoints").glob("epoch_0003.pt")), weights_only=True)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert ckpt["epoch"] == 3 and ckpt["epoch_complete"]
     trained = create_backbone("ToyCLIP-ViT-T-16")
     trained.load_state_dict(ckpt["model"])
     x = torch.randn(2, 3, 96, 96)  # plain open_clip runs only at the native size

@@ -45,7 +45,15 @@ class LoopConfig:
     log_every: int = 10
     eval_every: int = 1  # epochs; 0 disables periodic evaluation
     checkpoint_every: int = 1  # epochs
-    keep_checkpoints: int = 2
+    # Also checkpoint every this many optimiser steps inside an epoch (null: only per epoch). A resume continues
+    # from the exact position inside the epoch.
+    checkpoint_every_steps: Optional[int] = None
+    keep_checkpoints: int = 2  # the last N checkpoints (step and epoch ones together) are kept
+    # A non-finite loss or gradient: "stop" raises, naming the step, the batch's images and the last good
+    # checkpoint; "skip" drops that optimiser step and counts it (metrics: nonfinite_skipped).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # SIGTERM / SIGUSR1: finish the step, checkpoint, exit with code 75 (resume with --resume).
+    handle_signals: bool = True
     find_unused_parameters: bool = False
     cpu: bool = False  # force CPU even when an accelerator is present
 
@@ -53,6 +61,8 @@ class LoopConfig:
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ValueError(f"checkpoint_every_steps must be >= 1 or null, got {self.checkpoint_every_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.num_workers < 0 or self.eval_every < 0:

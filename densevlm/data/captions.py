@@ -77,7 +77,10 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def image_name(self, index: int) -> str:
+        return str(self.items[index][0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
         path, caps = self.items[index]
         try:
             img = load_rgb(path)
@@ -93,7 +96,7 @@ class CaptionDataset(Dataset):
         else:
             img = img.resize((self.image_size, self.image_size))
             caption = caps[0]
-        return to_tensor(img, self.mean, self.std), caption
+        return to_tensor(img, self.mean, self.std), caption, index
 
 
 class CaptionCollator:
@@ -102,7 +105,8 @@ class CaptionCollator:
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict[str, Any]:
+    def __call__(self, items: list[tuple[torch.Tensor, str, int]]) -> dict[str, Any]:
         images = torch.stack([it[0] for it in items])
         texts = [it[1] for it in items]
-        return {"images": images, "tokens": self.tokenizer(texts), "texts": texts}
+        index = torch.tensor([it[2] for it in items])
+        return {"images": images, "tokens": self.tokenizer(texts), "texts": texts, "index": index}

@@ -38,19 +38,22 @@ class GridRegionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def image_name(self, index: int) -> str:
+        return self.source.image_name(index)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
             img = self.source.load(index)
-        except ImageReadError:
+        except ImageReadError as err:
             if not self.source.cfg.skip_bad_images:
                 raise
-            log.warning("unreadable image %d of %s skipped", index, self.source.cfg.path)
+            log.warning("%s; skipped (data.source.skip_bad_images), the next image used instead", err)
             return self[(index + 1) % len(self)]
         rng = item_rng(self.seed, self.epoch, index)
         canvas, scale = resize_longest_pad(img, self.image_size)
         boxes, valid, pixel = grid_boxes(img.width, img.height, scale, self.image_size, rng, self.choices,
                                          self.max_boxes)
-        item = {"image": to_tensor(canvas, self.mean, self.std), "boxes": boxes, "valid": valid}
+        item = {"image": to_tensor(canvas, self.mean, self.std), "boxes": boxes, "valid": valid, "index": index}
         if self.crop_size:
             crops = torch.zeros(self.max_boxes, 3, self.crop_size, self.crop_size)
             for k in range(int(valid.sum())):

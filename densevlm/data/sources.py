@@ -95,6 +95,12 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.hf) if self.hf is not None else len(self.paths)
 
+    def image_name(self, index: int) -> str:
+        """The file (or dataset row) of image ``index``, for messages."""
+        if self.hf is not None:
+            return f"{self.cfg.path}[{index}]"
+        return str(self.paths[index])
+
     def load(self, index: int) -> Image.Image:
         if self.hf is not None:
             img = self.hf[index][self.cfg.image_column]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,17 @@ import yaml
 from densevlm.config import ConfigError, config_diff, to_dict
 from densevlm.utils.io import atomic_write_text
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 METRICS_FILE = "metrics.json"
+
+
+#: Settings a resumed run may change: how it is checkpointed, logged, fed and guarded, not what it computes (a run
+#: stopped by a NaN can be resumed with loop.on_nonfinite=skip; a requeued job can checkpoint more often).
+RESUME_MAY_CHANGE = ("loop.checkpoint_every", "loop.checkpoint_every_steps", "loop.keep_checkpoints",
+                     "loop.handle_signals", "loop.on_nonfinite", "loop.log_every", "loop.num_workers")
 
 
 class RunDirError(RuntimeError):
@@ -35,9 +44,15 @@ def prepare_run_dir(run_dir: str | Path, cfg: Any, *, resume: bool = False, over
         old = yaml.safe_load(saved.read_text()) or {}
         new = to_dict(cfg)
         diff = [k for k in config_diff(old, new) if not any(k == i or k.startswith(i + ".") for i in ignore_keys)]
+        changed = [k for k in diff if k in RESUME_MAY_CHANGE]
+        diff = [k for k in diff if k not in RESUME_MAY_CHANGE]
         if diff:
             details = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(new, k)!r})" for k in diff[:10])
             raise ConfigError(f"cannot resume from {path}: its config differs in {len(diff)} key(s): {details}")
+        if changed:
+            log.warning("resuming %s with %s", path, ", ".join(f"{k} {_get(old, k)!r} -> {_get(new, k)!r}"
+                                                                for k in changed))
+            atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))
         return path
     if exists and not overwrite:
         raise RunDirError(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -23,8 +24,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from densevlm.config.train import LoopConfig, OptimConfig
-from densevlm.engine.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from densevlm.engine.checkpoint import (CheckpointError, latest_checkpoint, load_latest_good, rng_state,
+                                       save_checkpoint, set_rng_state)
 from densevlm.engine.optim import build_optimizer, build_scheduler
+from densevlm.engine.preemption import PreemptionWatch, TrainingPreempted, ignore_in_workers
 from densevlm.engine.run_dir import METRICS_FILE, WEIGHTS_FILE
 from densevlm.engine.step_module import StepModule
 from densevlm.methods.base import Objective
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 StateFn = Callable[[nn.Module], dict[str, torch.Tensor]]
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient stopped training; the message names the step, the images and the checkpoint."""
 
 
 class EpochSampler(Sampler[int]):
@@ -78,6 +85,19 @@ def ensemble_state(student: dict[str, torch.Tensor], initial: dict[str, torch.Te
 
 
 @dataclass
+class _Position:
+    """Where a (resumed) run continues: the epoch, the batches of it already done, and the state around them."""
+
+    epoch: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    skip_batches: int = 0
+    partial: dict = field(default_factory=dict)  # the epoch's running sums so far
+    pending_rng: Optional[dict] = None  # RNG states to restore before the first resumed forward
+    initial: Optional[dict] = None  # the initial weights, for ensembling
+
+
+@dataclass
 class FitResult:
     run_dir: Path
     global_step: int
@@ -99,6 +119,12 @@ class Trainer:
             epochs and at the end, on the weights that would be saved (ensembled when ``ensemble_alpha`` is set).
         export_state: ``fn(model) -> state dict`` written to ``weights.safetensors`` (default: ``state_dict()``).
         ensemble_alpha: if set, saved weights are ``alpha * student + (1 - alpha) * initial``.
+
+    Checkpoints (``checkpoints/``, see :mod:`densevlm.engine.checkpoint`) are written every ``loop.checkpoint_every``
+    epochs and every ``loop.checkpoint_every_steps`` steps; :meth:`fit` with ``resume`` continues from the newest
+    good one exactly. SIGTERM/SIGUSR1 end :meth:`fit` after the current step with a checkpoint and
+    :class:`~densevlm.engine.preemption.TrainingPreempted`; a non-finite loss or gradient raises
+    :class:`NonFiniteError` or skips the step (``loop.on_nonfinite``).
     """
 
     def __init__(
@@ -161,11 +187,90 @@ class Trainer:
             self.model.train(was_training)
 
     # ------------------------------------------------------------------ loop
-    def fit(self, *, resume: bool = False, stop_after_epoch: Optional[int] = None) -> FitResult:
-        """Train; with ``resume`` continue from the run directory's latest checkpoint.
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        """Every process's RNG states, indexed by rank (a collective: all ranks call it)."""
+        state = rng_state()
+        if self.accelerator.num_processes == 1:
+            return [state]
+        import torch.distributed as dist
 
-        ``stop_after_epoch`` ends the process's work after that epoch's checkpoint (used to test that an
-        interrupted and resumed run equals an uninterrupted one).
+        # Sent as torch.save bytes (pickled tensors do not survive all_gather_object), read back weights-only.
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        blobs: list[Any] = [None] * self.accelerator.num_processes
+        dist.all_gather_object(blobs, buf.getvalue())
+        return [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
+
+    def _agree(self, nonfinite: bool, watch: PreemptionWatch) -> tuple[bool, Optional[str]]:
+        """(whether any rank's step was non-finite, the signal any rank received), the same on every rank.
+
+        One all-reduce per step carries both flags.
+        """
+        if self.accelerator.num_processes == 1:
+            return nonfinite, watch.signal_name
+        import torch.distributed as dist
+
+        t = torch.tensor([int(nonfinite), watch.code], device=self.accelerator.device, dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t[0].item()), watch.name_of(int(t[1].item()))
+
+    def _batch_images(self, batch: Any) -> str:
+        """The batch's images for error messages: dataset indices, with file names where the dataset knows them."""
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if index is None:
+            return "unknown (the batch carries no 'index')"
+        names = []
+        for i in torch.as_tensor(index).flatten().tolist():
+            name = self.dataset.image_name(i) if hasattr(self.dataset, "image_name") else None
+            names.append(f"{i} ({name})" if name else str(i))
+        return ", ".join(names)
+
+    def _resume(self, step_module: nn.Module, optimizer: Any, scheduler: Any, n_batches: int
+                ) -> Optional["_Position"]:
+        """Load the newest good checkpoint into the model, optimiser, schedule and scaler; where to continue."""
+        acc = self.accelerator
+        t0 = time.time()
+        found = load_latest_good(self.run_dir)
+        if found is None:
+            return None
+        path, state = found
+        try:
+            acc.unwrap_model(step_module).model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            detail = " ".join(line.strip() for line in str(err).splitlines())
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimiser: {detail[:500]}") from None
+        scheduler.load_state_dict(state["scheduler"])
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        complete = state.get("epoch_complete", True)  # checkpoints of the earlier format were per epoch
+        if not complete and len(rngs) != acc.num_processes:
+            raise CheckpointError(f"{path} was written mid-epoch by {len(rngs)} process(es); resume it with the "
+                                  f"same number (now {acc.num_processes})")
+        rng = rngs[acc.process_index % len(rngs)]
+        acc.step = state.get("accum_step", 0)  # accelerate's micro-batch counter decides when gradients sync
+        pos = _Position(global_step=state["global_step"], history=state["history"], initial=state.get("initial"))
+        if complete:
+            pos.epoch = state["epoch"] + 1
+            set_rng_state(rng)
+            where = f"epoch {state['epoch'] + 1} done"
+        else:
+            # Restored just before the first resumed forward: an uninterrupted run drew the loader's seed at the
+            # start of the epoch, before this state was saved.
+            pos.epoch, pos.skip_batches, pos.partial, pos.pending_rng = (
+                state["epoch"], state["batches_done"], state["partial"], rng)
+            where = f"epoch {state['epoch'] + 1}, batch {pos.skip_batches}/{n_batches}"
+        acc.print(f"resumed from {path} ({where}, step {pos.global_step}) in {time.time() - t0:.1f}s")
+        return pos
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, *, resume: bool = False, stop_after_epoch: Optional[int] = None) -> FitResult:
+        """Train; with ``resume`` continue exactly from the run directory's newest good checkpoint.
+
+        Raises :class:`~densevlm.engine.preemption.TrainingPreempted` after checkpointing when SIGTERM/SIGUSR1
+        arrives, and :class:`NonFiniteError` on a non-finite loss or gradient (unless ``loop.on_nonfinite`` is
+        "skip"). ``stop_after_epoch`` ends the process's work after that epoch's checkpoint.
         """
         acc, loop = self.accelerator, self.loop
         t0 = time.time()
@@ -178,6 +283,7 @@ class Trainer:
         loader = DataLoader(
             self.dataset, batch_size=loop.batch_size, sampler=sampler, drop_last=True,
             num_workers=loop.num_workers, collate_fn=self.collate_fn,
+            worker_init_fn=ignore_in_workers if loop.handle_signals and loop.num_workers > 0 else None,
             # Not persistent: workers re-fork each epoch and so see the dataset's current epoch (its augmentation seed).
         )
         if len(loader) == 0:
@@ -196,101 +302,180 @@ class Trainer:
         epochs = min(loop.epochs, math.ceil(total_steps / steps_per_epoch))
         scheduler = build_scheduler(optimizer, self.optim, total_steps)
 
-        start_epoch, global_step, history = 0, 0, []
-        if resume:
-            ckpt_path = latest_checkpoint(self.run_dir)
-            if ckpt_path is not None:
-                state = load_checkpoint(ckpt_path)
-                acc.unwrap_model(step_module).model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                set_rng_state(state["rng"])
-                if state.get("initial") is not None:
-                    initial = state["initial"]
-                start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
-                acc.print(f"resumed from {ckpt_path} (epoch {state['epoch'] + 1} done, step {global_step})")
+        pos = self._resume(step_module, optimizer, scheduler, len(loader)) if resume else None
+        pos = pos or _Position()
+        start_epoch, global_step, history = pos.epoch, pos.global_step, pos.history
+        if pos.initial is not None:  # the run's own initial weights (these are the checkpoint's, if resumed)
+            initial = pos.initial
+        skip_batches, partial, pending_rng = pos.skip_batches, pos.partial, pos.pending_rng
 
         acc.init_trackers("tensorboard")
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         acc.print(f"training {trainable / 1e6:.2f}M parameters for {total_steps} steps "
                   f"({steps_per_epoch}/epoch, {acc.num_processes} process(es), precision {acc.mixed_precision})")
         grad_params = [p for p in self.model.parameters() if p.requires_grad]
+        skipped_total = sum(r.get("nonfinite_skipped", 0) for r in history)
 
-        for epoch in range(start_epoch, epochs):
-            if global_step >= total_steps:
-                break
-            sampler.set_epoch(epoch)
-            if hasattr(loader, "set_epoch"):  # accelerate's loader keeps its own epoch counter; keep it in step
-                loader.set_epoch(epoch)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            step_module.train()
-            bar = tqdm(total=min(steps_per_epoch, total_steps - global_step), desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=not acc.is_local_main_process, dynamic_ncols=True)
-            running: dict[str, float] = {}
-            n_running = 0
-            epoch_sums: dict[str, float] = {}
-            epoch_n = 0
-            for batch in loader:
-                with acc.accumulate(step_module):
-                    out = self.objective(step_module, batch)
-                    if not torch.isfinite(out.loss):
-                        raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {global_step}")
-                    acc.backward(out.loss)
-                    if acc.sync_gradients and self.optim.grad_clip is not None:
-                        acc.clip_grad_norm_(grad_params, self.optim.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for k, v in {"loss": float(out.loss.detach()), **out.metrics}.items():
-                    running[k] = running.get(k, 0.0) + float(v)
-                    epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
-                n_running += 1
-                epoch_n += 1
-                if not acc.sync_gradients:
-                    continue
-                scheduler.step()
-                global_step += 1
-                bar.update(1)
-                if self.on_step is not None:
-                    self.on_step(global_step, acc.unwrap_model(step_module).model)
-                if global_step % loop.log_every == 0 or global_step == total_steps:
-                    scalars = {f"train/{k}": v / n_running for k, v in running.items()}
-                    scalars["train/lr"] = scheduler.get_last_lr()[0]
-                    acc.log(scalars, step=global_step)
-                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
-                    running, n_running = {}, 0
-                if global_step >= total_steps:
-                    break
-            bar.close()
-
-            last_epoch = epoch == epochs - 1 or global_step >= total_steps
-            record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step,
-                                      "train": {k: round(v / max(1, epoch_n), 6) for k, v in epoch_sums.items()}}
-            if acc.is_main_process and self.evaluate is not None and (
-                last_epoch or (loop.eval_every and (epoch + 1) % loop.eval_every == 0)
-            ):
-                record["eval"] = self._run_eval(initial)
-                acc.log({f"eval/{k}": v for k, v in record["eval"].items() if isinstance(v, (int, float))},
-                        step=global_step)
-            history.append(record)
-            if acc.is_main_process and ((epoch + 1) % loop.checkpoint_every == 0 or last_epoch):
-                save_checkpoint(self.run_dir, epoch, {
+        def save(reason: str, epoch: int, batches_done: int, complete: bool, partial_now: dict) -> Optional[Path]:
+            rngs = self._gather_rng()  # collective: every rank
+            path = None
+            if acc.is_main_process:
+                path = save_checkpoint(self.run_dir, {
                     "model": acc.unwrap_model(step_module).model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
+                    "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                    "rng": rngs,
+                    "world_size": acc.num_processes,
                     "epoch": epoch,
+                    "epoch_complete": complete,
+                    "batches_done": batches_done,
+                    "accum_step": acc.step,
                     "global_step": global_step,
                     "history": history,
+                    "partial": partial_now,
                     "initial": initial,
-                }, keep=loop.keep_checkpoints)
+                }, step=global_step, keep=loop.keep_checkpoints, reason=reason)
             acc.wait_for_everyone()
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last_epoch:
-                acc.end_training()
-                return FitResult(self.run_dir, global_step, epoch + 1, {"history": history}, time.time() - t0)
+            return path or latest_checkpoint(self.run_dir)
+
+        with PreemptionWatch(enabled=loop.handle_signals) as watch:
+            for epoch in range(start_epoch, epochs):
+                if global_step >= total_steps:
+                    break
+                sampler.set_epoch(epoch)
+                if hasattr(loader, "set_epoch"):  # accelerate's loader keeps its own epoch counter; keep it in step
+                    loader.set_epoch(epoch)
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(epoch)
+                step_module.train()
+                # Mid-epoch resume: the same order (fixed by seed and epoch), its first batches skipped unread.
+                batches_done, epoch_loader = skip_batches, loader
+                if skip_batches:
+                    epoch_loader = acc.skip_first_batches(loader, skip_batches)
+                running: dict[str, float] = dict(partial.get("running", {}))
+                n_running = partial.get("n_running", 0)
+                epoch_sums: dict[str, float] = dict(partial.get("epoch_sums", {}))
+                epoch_n = partial.get("epoch_n", 0)
+                epoch_skipped = partial.get("skipped", 0)
+                skip_batches, partial = 0, {}
+                epoch_steps = min(steps_per_epoch, total_steps - (global_step - batches_done // loop.grad_accum_steps))
+                bar = tqdm(total=epoch_steps, initial=batches_done // loop.grad_accum_steps,
+                           desc=f"epoch {epoch + 1}/{epochs}", disable=not acc.is_local_main_process,
+                           dynamic_ncols=True)
+                pending: list[dict[str, float]] = []  # metrics of the micro-batches of the current step
+                nonfinite, signal_name = False, None
+
+                def partial_state() -> dict[str, Any]:
+                    return {"running": running, "n_running": n_running, "epoch_sums": epoch_sums,
+                            "epoch_n": epoch_n, "skipped": epoch_skipped}
+
+                for batch in epoch_loader:
+                    if pending_rng is not None:
+                        set_rng_state(pending_rng)
+                        pending_rng = None
+                    batches_done += 1
+                    with acc.accumulate(step_module):
+                        out = self.objective(step_module, batch)
+                        loss_finite = bool(torch.isfinite(out.loss.detach()))
+                        nonfinite = nonfinite or not loss_finite
+                        # Backward even on a bad loss: under DDP every rank must join the gradient all-reduce.
+                        acc.backward(out.loss)
+                        pending.append({"loss": float(out.loss.detach()), **{k: float(v) for k, v in out.metrics.items()}})
+                        if not acc.sync_gradients:
+                            continue
+                        grad_norm = None
+                        if self.optim.grad_clip is not None:
+                            grad_norm = acc.clip_grad_norm_(grad_params, self.optim.grad_clip)
+                        elif acc.scaler is None and not nonfinite:
+                            grads = [p.grad for p in grad_params if p.grad is not None]
+                            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+                        # Under fp16 the grad scaler owns overflowing gradients (it skips those steps itself).
+                        if acc.scaler is None and grad_norm is not None and not bool(torch.isfinite(grad_norm)):
+                            nonfinite = True
+                        bad, signal_name = self._agree(nonfinite, watch)
+                        if bad:
+                            if loop.on_nonfinite == "stop":
+                                bar.close()
+                                last = latest_checkpoint(self.run_dir) if acc.is_main_process else None
+                                what = "loss" if not loss_finite else "gradient"
+                                raise NonFiniteError(
+                                    f"non-finite {what} (loss {pending[-1]['loss']}) at step {global_step + 1} "
+                                    f"(epoch {epoch + 1}, batch {batches_done}/{len(loader)}); batch images on "
+                                    f"process {acc.process_index}: {self._batch_images(batch)}; last good "
+                                    f"checkpoint: {last or 'none yet'}; set loop.on_nonfinite=skip to skip such "
+                                    "steps instead")
+                            epoch_skipped += 1
+                            if acc.scaler is not None:  # fp16: the scaler sees the bad gradients, skips, lowers its scale
+                                optimizer.step()
+                            acc.print(f"step {global_step + 1}: non-finite loss or gradient, step skipped "
+                                      f"({epoch_skipped} this epoch)")
+                            acc.log({"train/nonfinite_skipped": skipped_total + epoch_skipped}, step=global_step + 1)
+                        else:
+                            optimizer.step()
+                            for m in pending:
+                                for k, v in m.items():
+                                    running[k] = running.get(k, 0.0) + v
+                                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v
+                                n_running += 1
+                                epoch_n += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        pending, nonfinite = [], False
+                    # A skipped step still counts: the schedule and the data order stay those of the recipe.
+                    scheduler.step()
+                    global_step += 1
+                    bar.update(1)
+                    if self.on_step is not None:
+                        self.on_step(global_step, acc.unwrap_model(step_module).model)
+                    if n_running and (global_step % loop.log_every == 0 or global_step == total_steps):
+                        scalars = {f"train/{k}": v / n_running for k, v in running.items()}
+                        scalars["train/lr"] = scheduler.get_last_lr()[0]
+                        acc.log(scalars, step=global_step)
+                        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+                        running, n_running = {}, 0
+                    end_of_epoch = batches_done >= len(loader) or global_step >= total_steps
+                    if signal_name is not None:  # received during this step, by any rank: it is the last one
+                        bar.close()
+                        path = save("preempt", epoch, batches_done, False, partial_state())
+                        acc.end_training()
+                        raise TrainingPreempted(signal_name, global_step, path)
+                    if (loop.checkpoint_every_steps and global_step % loop.checkpoint_every_steps == 0
+                            and not end_of_epoch):
+                        save("step", epoch, batches_done, False, partial_state())
+                    if global_step >= total_steps:
+                        break
+                bar.close()
+                if pending_rng is not None:  # resumed after the epoch's last batch: nothing left to read
+                    set_rng_state(pending_rng)
+                    pending_rng = None
+
+                last_epoch = epoch == epochs - 1 or global_step >= total_steps
+                record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step,
+                                          "train": {k: round(v / max(1, epoch_n), 6) for k, v in epoch_sums.items()}}
+                if epoch_skipped:
+                    record["nonfinite_skipped"] = epoch_skipped
+                    skipped_total += epoch_skipped
+                if acc.is_main_process and self.evaluate is not None and (
+                    last_epoch or (loop.eval_every and (epoch + 1) % loop.eval_every == 0)
+                ):
+                    record["eval"] = self._run_eval(initial)
+                    acc.log({f"eval/{k}": v for k, v in record["eval"].items() if isinstance(v, (int, float))},
+                            step=global_step)
+                history.append(record)
+                signal_name = watch.requested(acc)
+                if (epoch + 1) % loop.checkpoint_every == 0 or last_epoch or signal_name is not None:
+                    path = save("epoch", epoch, batches_done, True, {})
+                if signal_name is not None and not last_epoch:
+                    acc.end_training()
+                    raise TrainingPreempted(signal_name, global_step, path)
+                if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last_epoch:
+                    acc.end_training()
+                    return FitResult(self.run_dir, global_step, epoch + 1, {"history": history}, time.time() - t0)
 
         metrics: dict[str, Any] = {"history": history, "global_step": global_step,
                                    "train_seconds": round(time.time() - t0, 2)}
+        if skipped_total:
+            metrics["nonfinite_skipped"] = skipped_total
         if history and "eval" in history[-1]:
             metrics["final"] = history[-1]["eval"]
         if acc.is_main_process:

@@ -169,6 +169,10 @@ def generate_world(
         }
         dump_json(world, staging / "world.json", indent=2)
         _replace_dir(staging, root)
+    except OSError as err:  # a full disk, a quota: say where, and that nothing was left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(err.errno, f"cannot write the toy world {root}: {err.strerror or err} (the staging folder "
+                                 "was removed; nothing was written)") from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

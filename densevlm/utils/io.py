@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from safetensors import SafetensorError
 
 
 @contextlib.contextmanager
@@ -22,10 +25,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:  # make sure the bytes are on disk before the rename
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, target)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb") as fh:  # make sure the bytes are on disk before the rename
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, target)
+        except OSError as err:  # a full disk or quota: name the file (the writer's own error often does not)
+            if err.filename is None and str(target) not in str(err):
+                raise OSError(err.errno, f"cannot write {target}: {err.strerror or err}") from err
+            raise
+        except (RuntimeError, SafetensorError) as err:
+            # torch.save and safetensors report a failed write (full disk, quota) as their own error types
+            raise OSError(errno.EIO, f"cannot write {target}: {str(err).strip()[:300]}") from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -55,6 +55,11 @@ def text_embeddings_from_config(
     vocab = vocabulary if vocabulary is not None else get_vocabulary(cfg.vocabulary)
     if cfg.embeddings_path is not None:
         emb, meta = load_text_embeddings(cfg.embeddings_path, vocab, renormalize=cfg.renormalize)
+        dim = getattr(model, "embed_dim", None)
+        if dim is not None and emb.shape[1] != dim:
+            raise ValueError(f"{cfg.embeddings_path}: text embeddings of dimension {emb.shape[1]}, but model "
+                             f"{getattr(model, 'name', '?')} embeds into {dim} dimensions; the file was built by "
+                             f"{meta.get('model_name', 'another model')}")
         if model is not None and meta.get("model_name") not in (None, model.name):
             logger.warning(
                 "%s was built with model %s, used with %s: region and text embeddings may live in different spaces",

@@ -120,6 +120,17 @@ class Vocabulary:
                 raise ValueError(f"vocabulary {self.name!r}: class {i} is a {type(c).__name__}, expected ClassEntry")
         if not classes:
             raise ValueError(f"vocabulary {self.name!r} has no classes")
+        # A name twice with the same thing/stuff flag gives two identical text columns: an ambiguous argmax and a
+        # class that can never win. Once as a thing and once as stuff is kept: the reference's 316-name list has
+        # three such names (cupboard, fruit, cradle), one in each half.
+        seen: dict[tuple[str, bool], int] = {}
+        for i, c in enumerate(classes):
+            key = (c.name.strip().lower(), c.isthing)
+            if key in seen:
+                kind = "thing" if c.isthing else "stuff"
+                raise ValueError(f"vocabulary {self.name!r}: duplicate {kind} class name {c.name!r} (classes "
+                                 f"{seen[key]} and {i}); merge them, e.g. as synonyms of one class")
+            seen[key] = i
         object.__setattr__(self, "classes", classes)
 
     # -- sequence protocol ---------------------------------------------------------------------------------
@@ -291,7 +302,10 @@ class Vocabulary:
         classes = [
             entry_from_mapping(c, f"{source}: classes[{i}]", require_isthing=True) for i, c in enumerate(raw)
         ]
-        return cls(name, tuple(classes))
+        try:
+            return cls(name, tuple(classes))
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON (atomically), one class per line for readable diffs."""
