@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.densevlm-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test quick-demo bench clean detectron2
+.PHONY: install demo test quick-demo bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,7 @@ test: install
 # detectron2 (optional; densevlm.integrations.detectron2): D2_FROM=auto builds upstream from GitHub when it answers,
 # else (offline, CI) unpacks the pure-Python package of PyPI's sal-detectron2 wheel; see tools/install_detectron2.sh.
 D2_FROM ?= auto
+.PHONY: detectron2
 detectron2: install
 	bash tools/install_detectron2.sh $(PY) $(D2_FROM)
 
