@@ -11,6 +11,7 @@ projected) live in one subclass per family: :mod:`densevlm.models.openclip_vit` 
 
 from __future__ import annotations
 
+import copy
 from abc import ABCMeta, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
@@ -42,6 +43,8 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         dense_last_block: default for :meth:`encode_dense`, "value" (reference) or "standard".
         source: where the weights came from ("random init", a file path or an open_clip tag).
         load_info: details of the load (layout detected, file format, checkpoint extras).
+        model_cfg: the open_clip model config the model was built from (overrides and QuickGELU applied).
+        preprocess_cfg: open_clip's preprocessing config for the model (size, mean, std, interpolation, ...).
     """
 
     family: str = ""
@@ -60,6 +63,8 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         source: str = "random init",
         weights_sha256: Optional[str] = None,
         load_info: Optional[dict[str, Any]] = None,
+        model_cfg: Optional[dict[str, Any]] = None,
+        preprocess_cfg: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if dense_last_block not in ("value", "standard"):
@@ -73,6 +78,8 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         self.dense_last_block: LastBlock = dense_last_block
         self.source = source
         self.load_info = dict(load_info or {})
+        self.model_cfg = copy.deepcopy(model_cfg) if model_cfg is not None else {}
+        self.preprocess_cfg = dict(preprocess_cfg or {})
         self._weights_sha256 = weights_sha256
         # Plain dict attributes (not buffers): derived tables must not enter the state dict.
         self._pos_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
