@@ -55,6 +55,11 @@ def register_config(cfg: dict[str, Any], name: str, *, source: str = "config") -
     Returns the registered name. Registering the same config twice is a no-op.
     """
     check_open_clip_config(cfg, source)
+    trunk = cfg["vision_cfg"].get("timm_model_name") if isinstance(cfg["vision_cfg"], dict) else None
+    if trunk:
+        from densevlm.models.eva import register_eva02_trunk
+
+        register_eva02_trunk(trunk)  # a trunk named after its architecture builds in any process
     existing = open_clip.get_model_config(name) if name in open_clip.list_models() else None
     if existing is not None and existing != cfg:
         name = f"{name}-{config_digest(cfg)}"

@@ -26,14 +26,14 @@ import torch
 from open_clip.model import CustomTextCLIP
 from open_clip.timm_model import TimmModel
 from timm.layers import SwiGLU
-from timm.models import register_model
 from timm.models.eva import Eva, EvaBlock, checkpoint_filter_fn
 from torch import nn
 
 from densevlm.config.core import ConfigError
 from densevlm.models.checkpoints import write_tensors
 from densevlm.models.layouts.base import Layout, StateDict, require_suffix, tensor_dict
-from densevlm.models.named_configs import config_digest, register_config
+from densevlm.models.eva import eva02_trunk_name, register_eva02_trunk
+from densevlm.models.named_configs import register_config
 from densevlm.models.positional import reference_rope_sincos
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def incompatibility(model: "DenseCLIP") -> Optional[str]:
         return (f"the reference EVA-CLIP layout holds an EVA02 vision tower (timm Eva trunk) beside a 'text' tower; "
                 f"this model is a {type(clip).__name__} with a {type(getattr(clip, 'visual', None)).__name__} vision "
                 "tower")
-    if not isinstance(clip.visual.head, nn.Identity):
+    if any(True for _ in clip.visual.head.parameters()):
         return "the vision tower has a projection outside the trunk; the reference projects with the trunk's head"
     problems = []
     for i, block in enumerate(trunk.blocks):
@@ -212,7 +212,8 @@ def is_reference_config(cfg: Any) -> bool:
         "eva_model_name" in vision or "rope" in vision or "naiveswiglu" in vision or "subln" in vision)
 
 
-def _eva_kwargs(vision: dict[str, Any], source: str) -> dict[str, Any]:
+def _trunk_name(vision: dict[str, Any], source: str) -> str:
+    """The timm trunk name (see :func:`densevlm.models.eva.eva02_trunk_name`) of a reference vision_cfg."""
     unknown = sorted(set(vision) - _VISION_KEYS)
     if unknown:
         raise ConfigError(f"{source}: vision_cfg keys {unknown} are not understood (known: {sorted(_VISION_KEYS)})")
@@ -231,36 +232,14 @@ def _eva_kwargs(vision: dict[str, Any], source: str) -> dict[str, Any]:
     head_width = int(vision.get("head_width", 64))
     if width % head_width:
         raise ConfigError(f"{source}: vision_cfg width {width} is not a multiple of head_width {head_width}")
-    pt = int(vision.get("pt_hw_seq_len", 16))
-    return dict(
-        img_size=image, patch_size=patch, embed_dim=width, depth=layers, num_heads=width // head_width,
-        qkv_fused=False, qkv_bias=bool(vision.get("qkv_bias", True)), mlp_ratio=float(vision.get("mlp_ratio", 4.0)),
-        swiglu_mlp=True, scale_mlp=bool(vision.get("subln", False)), scale_attn_inner=bool(vision.get("subln", False)),
-        use_rot_pos_emb=bool(vision.get("rope", False)), ref_feat_shape=(pt, pt),
-        init_values=vision.get("ls_init_value"),
+    name = eva02_trunk_name(
+        width=width, depth=layers, heads=width // head_width, patch=patch, image=image,
+        mlp_hidden=int(width * float(vision.get("mlp_ratio", 4.0))),  # the reference's own rounding
+        rope_pretrain_grid=int(vision.get("pt_hw_seq_len", 16)) if vision.get("rope") else 0,
+        subln=bool(vision.get("subln", False)), qkv_bias=bool(vision.get("qkv_bias", True)),
+        layer_scale=vision.get("ls_init_value") is not None,
     )
-
-
-def _register_trunk(kwargs: dict[str, Any]) -> str:
-    """Register a timm entrypoint building an Eva with ``kwargs``; its name encodes size and a digest."""
-    import timm
-
-    name = (f"densevlm_eva02_w{kwargs['embed_dim']}_d{kwargs['depth']}_p{kwargs['patch_size']}_"
-            f"{kwargs['img_size']}_{config_digest({k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})}")
-    if timm.is_model(name):
-        return name
-
-    def entry(pretrained: bool = False, **overrides: Any) -> Eva:
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained timm weights; load a CLIP checkpoint instead")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            overrides.pop(key, None)  # timm.create_model passes these to every entrypoint
-        return Eva(**{**kwargs, "global_pool": "token", **overrides})
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__module__ = __name__
-    entry.__doc__ = f"EVA02-CLIP trunk built from a reference config: {kwargs}"
-    register_model(entry)
+    register_eva02_trunk(name)
     return name
 
 
@@ -273,7 +252,7 @@ def register_reference_config(cfg: dict[str, Any], name: str, *, source: str = "
     unknown = sorted(set(text) - _TEXT_KEYS)
     if unknown:
         raise ConfigError(f"{source}: text_cfg keys {unknown} are not understood (known: {sorted(_TEXT_KEYS)})")
-    trunk = _register_trunk(_eva_kwargs(vision, source))
+    trunk = _trunk_name(vision, source)
     text_cfg = {k: text[k] for k in ("context_length", "vocab_size", "width", "heads", "layers", "ls_init_value",
                                      "mlp_ratio") if k in text}
     open_clip_cfg = {

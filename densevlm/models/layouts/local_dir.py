@@ -6,8 +6,9 @@ resize mode) from its ``preprocess_cfg``; FC-CLIP-style loaders that pass a mode
 the same way. The folder also records the densevlm model name, so ``create_backbone`` and ``--model <dir>`` read it
 back under the same name.
 
-A model built from a timm trunk that only densevlm registers (the golden tiny EVA, architectures read from a
-reference checkpoint) needs ``import densevlm.models`` before open_clip can build it.
+A model whose EVA trunk densevlm built from a reference config or checkpoint names it ``densevlm_eva02_w…`` (the
+name spells the architecture); plain open_clip builds it after
+``densevlm.models.eva.register_eva02_trunk(<that name>)``. Built-in EVA02 names need nothing.
 """
 
 from __future__ import annotations
