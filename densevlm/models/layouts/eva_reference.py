@@ -169,7 +169,28 @@ def to_reference_state_dict(model: "DenseCLIP") -> StateDict:
     for key, value in sd.items():
         if not key.startswith("visual.") and key != "logit_scale":
             out[key] = value
-    return out
+    return {key: out[key] for key in _reference_order(list(out))}
+
+
+#: parameter order inside a reference ``Block`` (its attribute order), so a written file lists keys as the reference
+_BLOCK_ORDER = ("norm1.", "attn.q_bias", "attn.v_bias", "attn.q_proj.", "attn.k_proj.", "attn.v_proj.",
+                "attn.inner_attn_ln.", "attn.proj.", "attn.rope.", "norm2.", "mlp.w1.", "mlp.w2.", "mlp.ffn_ln.",
+                "mlp.w3.")
+
+
+def _reference_order(keys: list[str]) -> list[str]:
+    """``keys`` with each block's keys in the reference's attribute order; blocks and other keys keep their place."""
+    first: dict[str, int] = {}
+    ranks = []
+    for position, key in enumerate(keys):
+        if key.startswith("visual.blocks."):
+            block, rest = key[len("visual.blocks."):].split(".", 1)
+            anchor = first.setdefault(block, position)
+            rank = next((i for i, prefix in enumerate(_BLOCK_ORDER) if rest.startswith(prefix)), len(_BLOCK_ORDER))
+            ranks.append((anchor, rank, position))
+        else:
+            ranks.append((position, 0, position))
+    return [key for _, key in sorted(zip(ranks, keys))]
 
 
 def outputs(out: Path) -> list[Path]:
