@@ -127,17 +127,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from densevlm.config.model import ModelSpec
     from densevlm.models import create_backbone
     from densevlm.models.layouts import export_model, verify_export
+    from densevlm.models.model_arg import spec_from_model_arg
 
-    if Path(args.model).is_file():  # a weights file: the name comes from --name or from the file itself
-        spec: ModelSpec | str = ModelSpec(name=args.name or "", pretrained=args.model)
-    elif args.name:
-        spec = ModelSpec(name=args.name, pretrained=args.model)
-    else:  # a run directory, a local-dir export, a zoo or open_clip model name
-        spec = args.model
-    model = create_backbone(spec)
+    model = create_backbone(spec_from_model_arg(args.model, args.name))
     paths = export_model(model, args.format, args.out, overwrite=args.overwrite)
     print(f"exported {model.name} ({model.family}, from {model.source}) as '{args.format}':")
     for path in paths:

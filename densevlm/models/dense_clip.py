@@ -187,6 +187,46 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         features = F.normalize(self._project_dense(x[:, self.num_prefix_tokens:]), dim=-1)
         return features.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
+    def encode_dense_with_intermediates(
+        self, images: torch.Tensor, indices: Sequence[int], *, last_block: Optional[LastBlock] = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`encode_dense` plus the patch tokens after the given blocks, from one pass through the tower.
+
+        Args:
+            images: as for :meth:`encode_dense`.
+            indices: 0-based block indices (any order, ``-1`` = last); the last block's output is taken from the
+                path the dense map uses (``last_block``), as F-ViT takes it.
+            last_block: as for :meth:`encode_dense`.
+
+        Returns:
+            ``([(B, width, H // p, W // p) per index, in the order given], (B, embed_dim, H // p, W // p) dense map)``.
+        """
+        mode = last_block if last_block is not None else self.dense_last_block
+        if mode not in ("value", "standard"):
+            raise ValueError(f"last_block: expected 'value' or 'standard', got {mode!r}")
+        blocks = self.visual_blocks()
+        wanted = [i + len(blocks) if i < 0 else i for i in indices]
+        bad = [i for i, w in zip(indices, wanted) if not 0 <= w < len(blocks)]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range for {len(blocks)} blocks")
+        x, (h, w), ctx = self._embed(self._prepare(images))
+        taken: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(blocks):
+            if i < len(blocks) - 1:
+                x = self._block(block, x, ctx)
+            else:
+                x = (self._block_value_path if mode == "value" else self._block)(block, x, ctx)
+            if i in wanted:
+                taken[i] = x[:, self.num_prefix_tokens:].reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        features = F.normalize(self._project_dense(x[:, self.num_prefix_tokens:]), dim=-1)
+        dense = features.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return [taken[i].contiguous() for i in wanted], dense
+
+    @property
+    def width(self) -> int:
+        """Channels of the vision tower's tokens (the intermediate maps of :meth:`encode_dense_with_intermediates`)."""
+        return int(self._patch_weight().shape[0])
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The training forward: :meth:`encode_dense` (so a DDP-wrapped model syncs dense-path gradients)."""
         return self.encode_dense(images)
