@@ -302,3 +302,42 @@ def test_cli_export_verifies_and_refuses_overwrite(models, tmp_path, capsys):
     assert cli_main(["export", "--model", str(weights), "--format", "openai", "--out", str(tmp_path / "x.pt")]) == 1
     err = capsys.readouterr().err
     assert "cannot be exported as 'openai'" in err and "QuickGELU" in err and "['open_clip', 'local-dir']" in err
+
+
+def _pattern(key: str) -> str:
+    """A key with its block index replaced: the per-block structure, independent of depth."""
+    import re
+
+    return re.sub(r"(blocks|resblocks)\.\d+\.", r"\1.*.", key)
+
+
+@needs_golden
+def test_full_size_eva02_b16_reference_key_set():
+    """F-ViT's EVA02-CLIP-B-16 holds the golden fixture's per-block keys, 12 times, with B/16's shapes."""
+    from densevlm.models.layouts.eva_reference import to_reference_state_dict
+
+    model = create_backbone("EVA02-B-16")
+    ours = to_reference_state_dict(model)
+    golden = {k[len("module."):] for k in torch.load(GOLDEN_CKPT, map_location="cpu", weights_only=True)["state_dict"]}
+    assert {_pattern(k) for k in ours} == {_pattern(k) for k in golden}
+    assert sum(k.startswith("visual.blocks.") and k.endswith(".attn.q_bias") for k in ours) == 12
+    assert tuple(ours["visual.pos_embed"].shape) == (1, 197, 768) and tuple(ours["visual.head.weight"].shape) == (512, 768)
+    assert tuple(ours["visual.blocks.11.attn.rope.freqs_cos"].shape) == (196, 64)
+    assert len(ours) == len(model.clip.state_dict()) + 2 * 13  # every tensor, plus the stored RoPE tables
+
+
+def test_recipe_student_is_openai_vit_b16_for_san_and_catseg():
+    """The SAN / CAT-Seg recipe's student, full size: OpenAI's build_model takes its 'openai' export strictly."""
+    from densevlm.config import load_config
+    from densevlm.config.align import AlignConfig
+    from densevlm.models.layouts.openai import to_openai_state_dict
+
+    build_model = _openai_build_model()
+    recipe = load_config(AlignConfig, Path(__file__).resolve().parents[1] / "configs/train/densevlm_vitb16_openai_coco.yaml")
+    assert (recipe.student.name, recipe.student.pretrained) == ("ViT-B-16-quickgelu", "openai")
+    model = create_backbone(recipe.student.name)  # the architecture; weights are random here (offline)
+    assert set(writable_layouts(model)) == {"open_clip", "local-dir", "openai"}
+    sd = to_openai_state_dict(model)  # what the 'openai' export writes (not written here: 600 MB)
+    assert [int(sd[k]) for k in EXTRA_KEYS] == [224, 77, 49408]
+    openai_model = build_model(sd)  # strict load: exactly OpenAI ViT-B/16's tensors
+    assert openai_model.visual.transformer.resblocks[0].attn.num_heads == 12

@@ -95,12 +95,17 @@ def outputs(out: Path) -> list[Path]:
     return [out]
 
 
-def write(model: "DenseCLIP", out: Path) -> None:
+def to_openai_state_dict(model: "DenseCLIP") -> StateDict:
+    """Every tensor of the model under OpenAI's names, plus the three 0-d entries ``build_model`` deletes."""
     sd = tensor_dict(model)
     sd["input_resolution"] = torch.tensor(model.native_image_size, dtype=torch.int64)
     sd["context_length"] = torch.tensor(sd["positional_embedding"].shape[0], dtype=torch.int64)
     sd["vocab_size"] = torch.tensor(sd["token_embedding.weight"].shape[0], dtype=torch.int64)
-    write_tensors(sd, out)
+    return sd
+
+
+def write(model: "DenseCLIP", out: Path) -> None:
+    write_tensors(to_openai_state_dict(model), out)
 
 
 LAYOUT = Layout(
