@@ -173,8 +173,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from densevlm.demo import run_demo
 
     cfg = load_config(DemoConfig, args.config, _overrides(args))
-    run_demo(cfg, fresh=args.fresh)
+    run_demo(cfg, fresh=args.fresh, from_scratch=args.from_scratch)
     return 0
+
+
+# --------------------------------------------------------------------------- zoo
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from densevlm.zoo import list_models
+
+    entries = list_models()
+    if not entries:
+        print("the zoo is empty (no densevlm/zoo/weights/manifest.json)")
+        return 0
+    print(f"{'name':22s} {'architecture':18s} {'params':>8s} {'MB':>6s} {'trained':>9s}  quality (toy val, %)")
+    for e in entries:
+        m = e.info.get("metrics", {})
+        quality = ", ".join(f"{k.replace('zeroshot.', 'zs.').replace('regions.', '')} {m[k]:.1f}" for k in (
+            "zeroshot.thing.top1", "zeroshot.stuff.top1", "regions.rois.thing.macc1", "regions.maskpool.stuff.macc1")
+            if k in m)
+        mb = e.info.get("bytes", 0) / 1e6
+        print(f"{e.name:22s} {e.architecture:18s} {(e.params or 0) / 1e6:7.2f}M {mb:6.1f} "
+              f"{e.info.get('wall_seconds', 0):8.0f}s  {quality}")
+        print(f"{'':22s} {e.role}")
+    return 0
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from densevlm.zoo.build import build_zoo
+    from densevlm.zoo.registry import WEIGHTS_DIR
+
+    publish = None
+    if args.publish is not None:
+        publish = WEIGHTS_DIR if args.publish == "package" else Path(args.publish)
+    result = build_zoo(args.root, workers=args.workers, world_workers=args.world_workers, parallel=args.parallel,
+                       publish_dir=publish,
+                       overwrite=args.overwrite)
+    for name, r in result.items():
+        print(f"{name}: {r['run_dir']} ({r['info']['wall_seconds']:.0f}s) {r['info']['metrics']}")
+    if publish is not None:
+        print(f"published to {publish}")
+    return 0
+
+
+def _zoo_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="zoo_task", metavar="TASK", required=True)
+    ls = sub.add_parser("list", help="the shipped pre-trained toy CLIPs, their size and quality",
+                        description="List the zoo's models (names usable wherever a model is taken).")
+    ls.set_defaults(fn=cmd_zoo_list)
+    b = sub.add_parser("build", help="re-make the zoo from its recipes (world, pre-trainings, CLIPSelf teacher)",
+                       description="Run the zoo recipes in configs/ into --root and evaluate them. Takes hours on "
+                       "2 CPU cores, minutes on a GPU. Writes zoo files only with --publish.")
+    b.add_argument("--root", default="runs/zoo_build", metavar="DIR", help="work folder (world, runs, evaluations)")
+    b.add_argument("--workers", type=int, default=2, help="data-loading processes per job")
+    b.add_argument("--world-workers", type=int, default=None, help="processes generating the world (default: --workers)")
+    b.add_argument("--parallel", action="store_true", help="run the two pre-trainings side by side (one GPU)")
+    b.add_argument("--publish", nargs="?", const="package", default=None, metavar="DIR",
+                   help="write fp16 weights + manifest to DIR (bare --publish: the package's own zoo)")
+    b.add_argument("--overwrite", action="store_true", help="replace existing zoo entries when publishing")
+    b.set_defaults(fn=cmd_zoo_build)
 
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -196,6 +252,9 @@ def _train_args(p: argparse.ArgumentParser, default: str) -> None:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p, "the demo profile; configs/demo/quick.yaml is the quick one")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="re-make the student and teacher from the zoo recipes instead of using the shipped zoo "
+                   "(about 40 h on 2 CPU cores; the shipped weights are never overwritten)")
 
 
 COMMANDS: list[Command] = [
@@ -209,7 +268,9 @@ COMMANDS: list[Command] = [
     ("eval", "evaluation: `densevlm eval regions --config configs/eval/...`", _eval_args, None),
     ("embed-text", "build class text embeddings for a vocabulary and template set (cached, unit norm)",
      _embed_text_args, cmd_embed_text),
-    ("demo", "the whole pipeline on the toy world: world, pre-training, zero-shot report, figures",
+    ("zoo", "the model zoo: `densevlm zoo list`, `densevlm zoo build`", _zoo_args, None),
+    ("demo", "the whole pipeline on the toy world from the model zoo: CLIPSelf and DenseVLM students, region "
+     "classification of base/CLIPSelf/DenseVLM/teacher, figures",
      _demo_args, cmd_demo),
     ("export", "write a model in the checkpoint layout a consumer loads (SAN, CAT-Seg, F-ViT, open_clip)",
      _export_args, cmd_export),

@@ -1,13 +1,14 @@
-"""``densevlm demo``: the whole pipeline on the toy world, on a CPU, in minutes.
+"""``densevlm demo``: the whole pipeline on the toy world, on a CPU, in minutes, from the model zoo.
 
 Stages (each reused on a re-run when its outputs exist and its config is unchanged):
-1. generate the toy world;
-2. contrastively pre-train the tiny CLIP on its captions, and report image-level zero-shot quality;
-3. CLIPSelf-tune a copy of it: the strong teacher (the paper's P-VLM is a CLIPSelf-tuned model);
-4. DenseVLM-tune the student from the pre-trained base with that teacher, on the seen classes only;
-5. region classification of base, CLIPSelf and DenseVLM on toy val (six keys, seen and novel), the table,
-   and figures: toy images with panoptic overlays, zero-shot confusion matrices, foreground bias before and
-   after, per-token probability maps.
+1. generate the toy world (its val images were never seen by the zoo models);
+2. the models: the shipped student-size toy CLIP and DenseVLM's teacher, the shipped CLIPSelf-tuned
+   teacher-size toy CLIP (``--from-scratch``: re-made from the zoo recipes first, hours on a CPU);
+3. CLIPSelf-tune the student (the baseline);
+4. DenseVLM-tune the student with the teacher, on the seen classes only;
+5. region classification of base, CLIPSelf, DenseVLM and the teacher on toy val (six keys, seen and novel),
+   the table, and figures: toy images with panoptic overlays, foreground bias before and after, per-token
+   probability maps.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import yaml
 from PIL import Image
 
 from densevlm.config import to_dict
-from densevlm.config.demo import TOY_MODEL, DemoConfig
+from densevlm.config.demo import DemoConfig
 from densevlm.config.model import ModelSpec
 from densevlm.engine.run_dir import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
 from densevlm.utils.io import atomic_write_json, read_json
@@ -54,21 +55,44 @@ def world_stage(cfg: DemoConfig, fresh: bool) -> Path:
     return root
 
 
-def pretrain_config(cfg: DemoConfig, world: Path) -> Any:
-    pcfg = copy.deepcopy(cfg.pretrain)
-    pcfg.output_dir = str(Path(cfg.output_dir) / "pretrain")
-    pcfg.data.captions_json = str(world / "annotations" / "captions_train.json")
-    pcfg.data.image_root = str(world / "images" / "train")
-    pcfg.eval.panoptic_json = str(world / "annotations" / "panoptic_val.json")
-    pcfg.eval.image_root = str(world / "images" / "val")
-    pcfg.eval.vocabulary = str(world)
-    return pcfg
+def models_stage(cfg: DemoConfig, from_scratch: bool) -> dict[str, ModelSpec]:
+    """The base student and the teacher: zoo models, or the same recipes re-run into the demo folder."""
+    from densevlm import zoo
 
+    if not from_scratch:
+        specs = {}
+        for role, name in (("student", cfg.student), ("teacher", cfg.teacher)):
+            entry = zoo.get_entry(name)
+            zoo.weights_path(name)  # checks the sha256 now, not in the middle of a stage
+            m = entry.info.get("metrics", {})
+            quality = ", ".join(f"{k} {m[k]:.1f}" for k in ("zeroshot.thing.top1", "zeroshot.stuff.top1",
+                                                             "regions.rois.thing.macc1",
+                                                             "regions.maskpool.stuff.macc1") if k in m)
+            print(f"[2] {role}: zoo model '{name}' ({entry.architecture}, {entry.info.get('steps')} steps, "
+                  f"{entry.info.get('wall_seconds', 0):.0f}s on {entry.info.get('hardware', '?')}; {quality})")
+            specs[role] = ModelSpec(name=name)
+        return specs
+    from densevlm.zoo.build import RECIPES, build_zoo
 
-def pretrain_stage(cfg: DemoConfig, world: Path, fresh: bool) -> dict[str, Any]:
-    from densevlm.engine.pretrain import run_pretrain
+    root = Path(cfg.output_dir) / "zoo_from_scratch"
+    by_name = {r.name: r for r in RECIPES}
+    missing = [n for n in (cfg.student, cfg.teacher) if n not in by_name]
+    if missing:
+        raise ValueError(f"--from-scratch re-makes the zoo's recipes {sorted(by_name)}; no recipe for {missing}")
+    done = root / "build.json"
+    if done.is_file():
+        print(f"[2] models from scratch: reusing {root}")
+        result = read_json(done)
+    else:
+        print(f"[2] models from scratch: running the zoo recipes into {root} (the shipped zoo is not touched). "
+              "On 2 CPU cores this takes about 40 hours (the zoo was made in 15 minutes on one H200 GPU); "
+              "see `densevlm zoo list` for each model's recipe and time")
+        b = cfg.zoo_build
+        result = build_zoo(root, workers=b.workers, world_overrides=tuple(b.world_overrides),
+                           stage_overrides=b.stage_overrides)
+    from densevlm.models import run_dir_spec
 
-    return train_stage("[2] pre-training", pretrain_config(cfg, world), run_pretrain, fresh)
+    return {role: run_dir_spec(result[n]["run_dir"]) for role, n in (("student", cfg.student), ("teacher", cfg.teacher))}
 
 
 def train_stage(label: str, stage_cfg: Any, run: Any, fresh: bool) -> dict[str, Any]:
@@ -112,18 +136,17 @@ def world_figure(world: Path, out: Path, n: int) -> Path:
     return image_grid(images, titles, out, cols=4)
 
 
-def align_configs(cfg: DemoConfig, world: Path) -> tuple[Any, Any]:
-    """The CLIPSelf (teacher-making) and DenseVLM stage configs, linked to the world and to each other."""
+def align_configs(cfg: DemoConfig, world: Path, specs: dict[str, ModelSpec]) -> tuple[Any, Any]:
+    """The CLIPSelf (baseline) and DenseVLM stage configs, linked to the world and the models."""
     out = Path(cfg.output_dir)
-    base = str(out / "pretrain")
     clip = copy.deepcopy(cfg.clipself)
     clip.output_dir = str(out / "clipself")
-    clip.student.pretrained = base
+    clip.student = copy.deepcopy(specs["student"])
     clip.data.source.kind, clip.data.source.path, clip.data.source.split = "toyworld", str(world), "train"
     dense = copy.deepcopy(cfg.densevlm)
     dense.output_dir = str(out / "densevlm")
-    dense.student.pretrained = base
-    dense.teacher.pretrained = clip.output_dir
+    dense.student = copy.deepcopy(specs["student"])
+    dense.teacher = copy.deepcopy(specs["teacher"])
     dense.student_text.vocabulary = dense.teacher_text.vocabulary = str(world)
     dense.data.source.kind, dense.data.source.path, dense.data.source.split = "toyworld", str(world), "train"
     return clip, dense
@@ -134,19 +157,19 @@ def eval_vocabulary(cfg: DemoConfig, world: Path) -> str:
     return cfg.eval.text.vocabulary or str(world)
 
 
-def eval_stage(cfg: DemoConfig, world: Path, run_dirs: dict[str, str], models: dict[str, Any],
+def eval_stage(cfg: DemoConfig, world: Path, specs: dict[str, ModelSpec], models: dict[str, Any],
                fresh: bool) -> dict[str, Any]:
     """Region classification of each model; reused when config and weights are unchanged."""
     from densevlm.config.evaluation import PanopticDataConfig, RegionEvalConfig
     from densevlm.evaluation.regions import evaluate_regions
 
     results = {}
-    for name, run_dir in run_dirs.items():
+    for name, spec in specs.items():
         text = copy.deepcopy(cfg.eval.text)
         text.vocabulary = eval_vocabulary(cfg, world)
         ecfg = RegionEvalConfig(
             output_dir=str(Path(cfg.output_dir) / "eval" / name),
-            model=ModelSpec(name=TOY_MODEL, pretrained=run_dir),
+            model=spec,
             data=PanopticDataConfig(panoptic_json=str(world / "annotations" / "panoptic_val.json"),
                                     image_root=str(world / "images" / "val"), image_size=cfg.eval.image_size,
                                     max_images=cfg.eval.max_images),
@@ -197,31 +220,32 @@ def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, Any], results: 
     return paths
 
 
-def run_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, *, fresh: bool = False, from_scratch: bool = False) -> dict[str, Any]:
     from densevlm.engine.align import run_align
     from densevlm.evaluation.regions import format_table
-    from densevlm.models import create_backbone
+    from densevlm.models import create_backbone, run_dir_spec
 
     t0 = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = world_stage(cfg, fresh)
-    pre = pretrain_stage(cfg, world, fresh)
-    clip_cfg, dense_cfg = align_configs(cfg, world)
-    clip = train_stage("[3] CLIPSelf (teacher)", clip_cfg, run_align, fresh)
+    specs = models_stage(cfg, from_scratch)
+    clip_cfg, dense_cfg = align_configs(cfg, world, specs)
+    clip = train_stage("[3] CLIPSelf (student)", clip_cfg, run_align, fresh)
     dense = train_stage("[4] DenseVLM (student)", dense_cfg, run_align, fresh)
-    run_dirs = {"base": str(out / "pretrain"), "clipself": clip_cfg.output_dir, "densevlm": dense_cfg.output_dir}
+    eval_specs = {"base": specs["student"], "clipself": run_dir_spec(clip_cfg.output_dir),
+                  "densevlm": run_dir_spec(dense_cfg.output_dir), "teacher": specs["teacher"]}
     # Loaded once, for the evaluation and the figures.
-    models = {name: create_backbone(ModelSpec(name=TOY_MODEL, pretrained=d)) for name, d in run_dirs.items()}
-    results = eval_stage(cfg, world, run_dirs, models, fresh)
+    models = {name: create_backbone(spec) for name, spec in eval_specs.items()}
+    results = eval_stage(cfg, world, eval_specs, models, fresh)
 
     figures = out / "figures"
     world_figure(world, figures / "toyworld_val.png", cfg.grid_images)
     bias_figures(cfg, world, models, results, figures)
-    zs = pre.get("final", {})
     seconds = round(time.time() - t0, 1)
     summary = {
-        "pretrain_zero_shot": zs,
+        "models": {name: {"spec": to_dict(spec), "weights_id": models[name].weights_id}
+                   for name, spec in eval_specs.items()},
         "regions": {name: r["metrics"] for name, r in results.items()},
         "densevlm_training": {"steps": dense.get("global_step"), "seconds": dense.get("train_seconds"),
                               **dense["history"][-1].get("train", {})},
@@ -230,13 +254,8 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
         "seconds": seconds,
     }
     atomic_write_json(out / "summary.json", summary)
-    print("\n[2] image-level zero-shot of the pre-trained CLIP on toy val (prompt-ensembled text embeddings):")
-    for key in ("zeroshot.thing.top1", "zeroshot.stuff.top1", "zeroshot.thing.top1.seen",
-                "zeroshot.thing.top1.novel", "zeroshot.stuff.top1.seen", "zeroshot.stuff.top1.novel"):
-        if key in zs:
-            print(f"    {key:28s} {zs[key]:6.2f}")
     print("\n[5] " + format_table(results, title="region classification on toy val (mean per-class accuracy, %; "
-                                   "novel classes never named during alignment)"))
+                                   "novel classes never named during alignment; teacher = DenseVLM's teacher)"))
     print(f"\nfigures in {figures}; TensorBoard: tensorboard --logdir {cfg.output_dir}")
     print(f"demo finished in {seconds:.0f}s")
     return summary

@@ -14,6 +14,7 @@ from densevlm.models.factory import (
     create_backbone,
     register_model_configs,
     resolve_model_name,
+    run_dir_spec,
 )
 from densevlm.models.openclip_vit import OpenCLIPViTDense
 from densevlm.models.pooling import masks_to_token_grid, pool_boxes, pool_masks
@@ -41,6 +42,7 @@ __all__ = [
     "read_checkpoint",
     "register_model_configs",
     "resolve_model_name",
+    "run_dir_spec",
     "save_weights",
     "split_weight_decay",
     "writable_layouts",

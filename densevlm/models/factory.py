@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import logging
 from pathlib import Path
@@ -65,18 +66,37 @@ def resolve_model_name(name: str) -> str:
 
     A path to a model-config JSON (open_clip's format, or a reference ``eva_clip`` config) registers it first.
     """
+    from densevlm import zoo
+
     if name.endswith(".json") and Path(name).expanduser().is_file():
         return register_config_path(Path(name).expanduser())
-    resolved = REFERENCE_NAME_ALIASES.get(name, name).replace("/", "-")
+    resolved = zoo.architecture(name) or REFERENCE_NAME_ALIASES.get(name, name).replace("/", "-")
     available = open_clip.list_models()
     if resolved not in available:
-        close = difflib.get_close_matches(resolved, available, n=3, cutoff=0.6)
+        zoo_names = sorted(e.name for e in zoo.list_models())
+        close = difflib.get_close_matches(resolved, available + zoo_names, n=3, cutoff=0.6)
         hint = f" Did you mean {close}?" if close else ""
         raise ConfigError(
-            f"model name '{name}': no open_clip config with that name.{hint} Reference names accepted: "
-            f"{sorted(REFERENCE_NAME_ALIASES)}; see open_clip.list_models() for the rest."
+            f"model name '{name}': no open_clip config or zoo model with that name.{hint} Zoo models: {zoo_names}; "
+            f"reference names accepted: {sorted(REFERENCE_NAME_ALIASES)}; see open_clip.list_models() for the rest."
         )
     return resolved
+
+
+def resolve_zoo_spec(spec: ModelSpec) -> ModelSpec:
+    """A zoo name as ``name`` (with no ``pretrained``) or as ``pretrained`` means its verified shipped weights."""
+    from densevlm import zoo
+
+    if spec.pretrained and zoo.is_zoo_name(spec.pretrained) and not Path(spec.pretrained).exists():
+        entry = zoo.get_entry(spec.pretrained)
+        if spec.name and resolve_model_name(spec.name) != entry.architecture:
+            raise ConfigError(f"pretrained={spec.pretrained!r} is a zoo {entry.architecture} but name={spec.name!r} "
+                              f"is {resolve_model_name(spec.name)}")
+        return dataclasses.replace(spec, name=spec.name or entry.name,
+                                   pretrained=str(zoo.weights_path(entry.name)))
+    if not spec.pretrained and zoo.is_zoo_name(spec.name):
+        return dataclasses.replace(spec, pretrained=str(zoo.weights_path(spec.name)))
+    return spec
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +182,12 @@ def _resolve_run_dir(run_dir: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
     return weights, spec
 
 
+def run_dir_spec(run_dir: str | Path) -> ModelSpec:
+    """The complete spec (architecture, overrides, weights) of a finished run directory."""
+    _, spec = _resolve_run_dir(Path(run_dir), ModelSpec(pretrained=str(run_dir)))
+    return spec
+
+
 def _pick_family(clip: torch.nn.Module) -> type[DenseCLIP]:
     visual = getattr(clip, "visual", None)
     if isinstance(visual, TimmModel) and isinstance(getattr(visual, "trunk", None), Eva):
@@ -225,6 +251,7 @@ def create_backbone(spec: Union[ModelSpec, str], *, device: Union[str, torch.dev
     except ValueError as err:
         raise ConfigError(f"model spec: {err}") from None
     register_model_configs()
+    spec = resolve_zoo_spec(spec)
     spec, name, weights_file, tag = _resolve_source(spec)
 
     config, model_kwargs = _final_config(name, spec.model_overrides)
