@@ -341,3 +341,11 @@ def test_recipe_student_is_openai_vit_b16_for_san_and_catseg():
     assert [int(sd[k]) for k in EXTRA_KEYS] == [224, 77, 49408]
     openai_model = build_model(sd)  # strict load: exactly OpenAI ViT-B/16's tensors
     assert openai_model.visual.transformer.resblocks[0].attn.num_heads == 12
+
+
+def test_cli_export_of_a_zoo_model(tmp_path, capsys):
+    """--model resolves zoo names through the factory, as every command does."""
+    out = tmp_path / "toy_student.pt"
+    assert cli_main(["export", "--model", "toy-student", "--format", "open_clip", "--out", str(out)]) == 0
+    assert "max abs difference: dense 0.00e+00" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text()) == open_clip.get_model_config("ToyCLIP-ViT-S-16")
