@@ -24,6 +24,13 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# detectron2 (optional; densevlm.integrations.detectron2): D2_FROM=auto builds upstream from GitHub when it answers,
+# else (offline, CI) unpacks the pure-Python package of PyPI's sal-detectron2 wheel; see tools/install_detectron2.sh.
+D2_FROM ?= auto
+.PHONY: detectron2
+detectron2: install
+	bash tools/install_detectron2.sh $(PY) $(D2_FROM)
+
 bench: install
 	$(PY) tools/bench_toyworld.py
 

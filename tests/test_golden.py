@@ -16,6 +16,7 @@ import torch
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 CHECKPOINT = GOLDEN_DIR / "densevlm_fork_tiny_eva.pt"
 OUTPUTS = GOLDEN_DIR / "densevlm_fork_tiny_eva_golden.safetensors"
+REFERENCE_CONFIG = GOLDEN_DIR / "EVA02-CLIP-tiny-16.json"  # the reference eva_clip config of the fixture
 
 pytestmark = pytest.mark.skipif(
     not GOLDEN_DIR.is_dir(), reason=f"golden fixtures folder not found at {GOLDEN_DIR} (shared/golden is optional)"
@@ -44,8 +45,8 @@ def model():
     from densevlm.models import ModelSpec, create_backbone
 
     torch.set_num_threads(1)
-    # the reference name of the fixture's config; it maps to the shipped open_clip config EVA02-Ti-16-golden
-    return create_backbone(ModelSpec(name="EVA02-CLIP-tiny-16", pretrained=str(CHECKPOINT)))
+    # the architecture comes from the reference model-config JSON passed by path, not from a registered name
+    return create_backbone(ModelSpec(name=str(REFERENCE_CONFIG), pretrained=str(CHECKPOINT)))
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ def outputs(model, golden) -> dict[str, torch.Tensor]:
 
 
 def test_checkpoint_detected_as_reference_layout(model):
-    assert model.name == "EVA02-Ti-16-golden"
-    assert model.load_info["layout"] == "eva_clip_reference"
+    assert model.name == "EVA02-CLIP-tiny-16"
+    assert model.load_info["layout"] == "eva_reference"
     assert model.load_info["wrapper"] == "state_dict" and model.load_info["stripped_prefix"] == "module."
     assert model.load_info["extras"] == {"epoch": 6, "name": "golden-tiny"}
     assert (model.embed_dim, model.patch_size, model.native_image_size) == (96, 16, 224)
@@ -126,7 +127,7 @@ def test_reference_checkpoint_with_other_rope_settings_is_refused(tmp_path):
     path = tmp_path / "bad_rope.pt"
     torch.save({"epoch": 1, "name": "x", "state_dict": sd}, path)
     with pytest.raises(CheckpointLayoutError, match=r"visual\.rope\.freqs_cos.*other RoPE settings"):
-        create_backbone(ModelSpec(name="EVA02-CLIP-tiny-16", pretrained=str(path)))
+        create_backbone(ModelSpec(name=str(REFERENCE_CONFIG), pretrained=str(path)))
 
 
 def test_reference_checkpoint_is_not_resampled_silently(tmp_path):
@@ -137,13 +138,13 @@ def test_reference_checkpoint_is_not_resampled_silently(tmp_path):
     path = tmp_path / "bad_pos.pt"
     torch.save({"state_dict": sd}, path)
     with pytest.raises(CheckpointLayoutError, match=r"'visual\.pos_embed' has shape \(1, 101, 192\).*\(1, 197, 192\)"):
-        create_backbone(ModelSpec(name="EVA02-CLIP-tiny-16", pretrained=str(path)))
+        create_backbone(ModelSpec(name=str(REFERENCE_CONFIG), pretrained=str(path)))
 
 
 def test_reference_checkpoint_into_a_vit_names_the_problem():
     from densevlm.models import CheckpointLayoutError, ModelSpec, create_backbone
 
-    with pytest.raises(CheckpointLayoutError, match="eva_clip_reference.*not a timm Eva trunk"):
+    with pytest.raises(CheckpointLayoutError, match="eva_reference.*not a timm Eva trunk"):
         create_backbone(ModelSpec(name="ToyCLIP-ViT-T-16", pretrained=str(CHECKPOINT)))
 
 
@@ -154,9 +155,9 @@ def test_converted_export_round_trip(model, golden, tmp_path):
     from densevlm.models import ModelSpec, create_backbone
 
     path = model.save_weights(tmp_path / "golden_open_clip.safetensors")
-    reloaded = create_backbone(ModelSpec(name="EVA02-Ti-16-golden", pretrained=str(path)))
+    reloaded = create_backbone(ModelSpec(name=model.name, pretrained=str(path)))
     assert reloaded.load_info["layout"] == "open_clip"
-    plain = open_clip.create_model("EVA02-Ti-16-golden", pretrained=str(path)).eval()
+    plain = open_clip.create_model(model.name, pretrained=str(path)).eval()
     with torch.no_grad():
         assert torch.equal(reloaded.encode_dense(golden["image_320"]), model.encode_dense(golden["image_320"]))
         assert torch.equal(plain.encode_image(golden["image_224"]), model.clip.encode_image(golden["image_224"]))

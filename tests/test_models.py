@@ -381,7 +381,7 @@ def test_openai_state_dict_layout_loads(vit, tmp_path):
     path = tmp_path / "openai.bin"
     torch.save(sd, path)
     loaded = create_backbone(ModelSpec(name="ViT-B-16", pretrained=str(path), model_overrides=SMALL_VIT))
-    assert loaded.load_info["layout"] == "openai_clip" and _same_outputs(vit, loaded)
+    assert loaded.load_info["layout"] == "openai" and _same_outputs(vit, loaded)
 
 
 def test_dense_clip_state_dict_loads(toy, tmp_path):
@@ -397,7 +397,7 @@ def test_layout_error_lists_layouts_and_sample_keys(eva, tmp_path):
         create_backbone(ModelSpec(name="ToyCLIP-ViT-T-16", pretrained=str(path)))
     msg = str(info.value)
     assert str(path) in msg
-    for expected in ("eva_clip_reference", "openai_clip", "dense_clip", "open_clip (", "missing keys", "unexpected keys",
+    for expected in ("eva_reference", "openai (", "dense_clip", "open_clip (", "missing keys", "unexpected keys",
                      "visual.trunk.blocks.0.", "text.ln_final", "visual.class_embedding"):
         assert expected in msg, f"'{expected}' not in: {msg}"
 

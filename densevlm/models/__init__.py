@@ -5,14 +5,10 @@ Importing this package registers the configs in ``model_configs/`` with open_cli
 """
 
 from densevlm.config.model import ModelSpec
-from densevlm.models.checkpoints import (
-    CheckpointLayoutError,
-    convert_to_model_layout,
-    read_checkpoint,
-    save_weights,
-)
+from densevlm.models.checkpoints import CheckpointLayoutError, read_checkpoint, save_weights
 from densevlm.models.dense_clip import DenseCLIP
 from densevlm.models.eva import EvaDense
+from densevlm.models.layouts import LAYOUTS, ExportError, convert_to_model_layout, export_model, writable_layouts
 from densevlm.models.factory import (
     REFERENCE_NAME_ALIASES,
     create_backbone,
@@ -30,11 +26,14 @@ __all__ = [
     "CheckpointLayoutError",
     "DenseCLIP",
     "EvaDense",
+    "ExportError",
+    "LAYOUTS",
     "ModelSpec",
     "OpenCLIPViTDense",
     "REFERENCE_NAME_ALIASES",
     "convert_to_model_layout",
     "create_backbone",
+    "export_model",
     "freeze_for_dense_tuning",
     "masks_to_token_grid",
     "param_groups_for_adamw",
@@ -46,4 +45,5 @@ __all__ = [
     "run_dir_spec",
     "save_weights",
     "split_weight_decay",
+    "writable_layouts",
 ]

@@ -1,25 +1,10 @@
-"""Checkpoint files: reading, layout detection, converters, strict loading and writing.
+"""Checkpoint files: reading any weights file into a flat state dict, hashing, and writing tensors atomically.
 
-This is the one loading boundary of the package (as timm's ``checkpoint_filter_fn``): every foreign layout is
-recognised and converted here into the open_clip layout of the model being loaded, then loaded strictly.
-Nothing else in the package knows about foreign key names.
-
-Supported layouts (tried in this order):
-
-* ``eva_clip_reference``: checkpoints written by the CLIPSelf / DenseVLM reference code (a fork of open_clip
-  2.16 with an ``eva_clip`` package): ``visual.blocks.*`` (EVA ViT), ``text.*``, ``logit_scale``. Converted into
-  open_clip's EVA02 layout (timm ``Eva`` trunk under ``visual.trunk.``) with timm's ``checkpoint_filter_fn``
-  (key renames ``mlp.w1/w2/w3/ffn_ln``, ``attn.inner_attn_ln``, ``q_bias/v_bias``). The RoPE buffers it holds
-  are not loaded (the model recomputes them) but are checked against the model's RoPE configuration, so a
-  checkpoint trained with other RoPE settings fails loudly instead of silently changing numerics.
-* ``openai_clip``: a state dict of OpenAI's CLIP (open_clip key names plus ``input_resolution``,
-  ``context_length``, ``vocab_size`` entries), which are dropped.
-* ``dense_clip``: ``DenseCLIP.state_dict()`` (the open_clip keys under ``clip.``), e.g. a training checkpoint.
-* ``open_clip``: open_clip's own layout, as saved by ``DenseCLIP.save_weights`` or open_clip's training code.
-
-Every layout may come as a raw ``{name: tensor}`` dict or under a ``"state_dict"`` entry (the reference's
-``{"epoch", "name", "state_dict", ...}`` files), with or without the ``module.`` prefix DDP adds. Torch files are
-always read with ``weights_only=True``.
+Which key layout a state dict is in, and how it is converted into (or written from) a model, is the business of
+:mod:`densevlm.models.layouts`, one module per layout with its reader and writer side by side. This module only
+knows file formats: ``.safetensors`` and torch files (``.pt/.pth/.bin``, always read with ``weights_only=True``),
+holding a raw ``{name: tensor}`` dict or one under a ``"state_dict"`` entry (the reference's ``{"epoch", "name",
+"state_dict", ...}`` files), with or without the ``module.`` prefix DDP adds.
 """
 
 from __future__ import annotations
@@ -28,19 +13,15 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
-from torch import nn
 
-from densevlm.models.positional import reference_rope_sincos
 from densevlm.utils.io import atomic_save
 
 #: safetensors metadata keys written by :func:`save_weights`.
 META_MODEL_NAME = "densevlm.model_name"
 META_LAYOUT = "densevlm.layout"
-
-_SAMPLE = 6  # how many keys an error message shows per list
 
 
 class CheckpointLayoutError(ValueError):
@@ -140,6 +121,8 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         wrapper = "state_dict"
     state_dict: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = torch.tensor(value)  # e.g. OpenAI's input_resolution/context_length/vocab_size as plain ints
         if not isinstance(value, torch.Tensor):
             raise ValueError(
                 f"{p}: entry '{key}' of the state dict is a {type(value).__name__}, expected a tensor "
@@ -155,220 +138,37 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     return LoadedCheckpoint(state_dict, p, file_format, wrapper, prefix, extras, metadata)
 
 
-# --------------------------------------------------------------------------------------------- layouts
-
-
-@dataclass(frozen=True)
-class CheckpointLayout:
-    """A known checkpoint key layout and its converter into the model's open_clip layout.
-
-    ``detect`` returns None when the state dict looks like this layout, else the reason it does not;
-    ``convert`` returns the state dict in open_clip layout for ``model`` (it may raise ``ValueError`` with a
-    reason when the checkpoint cannot fit the model).
-    """
-
-    name: str
-    description: str
-    detect: Callable[[Mapping[str, torch.Tensor]], Optional[str]]
-    convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
-
-
-def _detect_eva_reference(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    if "visual.pos_embed" in sd and any(k.startswith("visual.blocks.") for k in sd):
-        return None
-    return "no 'visual.pos_embed' / 'visual.blocks.*' keys"
-
-
-def _convert_eva_reference(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    from timm.models.eva import Eva, checkpoint_filter_fn
-
-    trunk = getattr(getattr(model, "visual", None), "trunk", None)
-    if not isinstance(trunk, Eva):
-        raise ValueError(
-            f"the checkpoint holds an EVA ViT but the model's vision tower is "
-            f"{type(getattr(model, 'visual', None)).__name__}, not a timm Eva trunk (use an EVA02 model name)"
-        )
-    # Refuse the size mismatches timm's filter would silently resample: a strict load means the checkpoint
-    # fits the architecture as it is.
-    for key, target in (("visual.pos_embed", trunk.pos_embed), ("visual.patch_embed.proj.weight", trunk.patch_embed.proj.weight)):
-        if key in sd and target is not None and tuple(sd[key].shape) != tuple(target.shape):
-            raise ValueError(
-                f"'{key}' has shape {tuple(sd[key].shape)}, the model expects {tuple(target.shape)}"
-            )
-    _check_reference_rope_buffers(sd, trunk)
-    visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
-    out = {f"visual.trunk.{k}": v for k, v in checkpoint_filter_fn(visual, trunk).items()}
-    for key, value in sd.items():
-        if not key.startswith("visual."):
-            out[key] = value  # text.* and logit_scale already use open_clip's CustomTextCLIP names
-    return out
-
-
-def _check_reference_rope_buffers(sd: Mapping[str, torch.Tensor], trunk: nn.Module) -> None:
-    """The reference stores its RoPE tables; they must equal what the model will compute at its native grid."""
-    cos_keys = sorted(k for k in sd if k.startswith("visual.") and k.endswith("rope.freqs_cos"))
-    if not cos_keys:
-        return
-    rope = getattr(trunk, "rope", None)
-    if rope is None:
-        raise ValueError(f"the checkpoint has RoPE buffers ('{cos_keys[0]}') but the model has no rotary embedding")
-    ref = tuple(rope.ref_feat_shape) if rope.ref_feat_shape is not None else None
-    sin, cos = reference_rope_sincos(tuple(trunk.patch_embed.grid_size), rope.dim, ref, float(rope.temperature))
-    for cos_key in cos_keys:
-        sin_key = cos_key[: -len("cos")] + "sin"
-        for key, expected in ((cos_key, cos), (sin_key, sin)):
-            stored = sd.get(key)
-            if stored is None:
-                continue
-            if tuple(stored.shape) != tuple(expected.shape) or not torch.allclose(stored.float(), expected, atol=1e-5):
-                raise ValueError(
-                    f"'{key}' (shape {tuple(stored.shape)}) does not match the model's RoPE table for a "
-                    f"{tuple(trunk.patch_embed.grid_size)} grid with pre-training grid {ref} (shape "
-                    f"{tuple(expected.shape)}): the checkpoint was trained with other RoPE settings"
-                )
-
-
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def _detect_openai(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    if all(k in sd for k in _OPENAI_EXTRA_KEYS):
-        return None
-    return f"no {'/'.join(_OPENAI_EXTRA_KEYS)} entries"
-
-
-def _convert_openai(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k not in _OPENAI_EXTRA_KEYS}
-
-
-def _detect_dense_clip(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    if all(k.startswith("clip.") for k in sd):
-        return None
-    return "keys do not all start with 'clip.'"
-
-
-def _convert_dense_clip(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k[len("clip."):]: v for k, v in sd.items()}
-
-
-def _detect_any(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    return None
-
-
-def _identity(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(sd)
-
-
-LAYOUTS: tuple[CheckpointLayout, ...] = (
-    CheckpointLayout(
-        "eva_clip_reference",
-        "CLIPSelf/DenseVLM reference EVA-CLIP (visual.blocks.*, text.*, logit_scale)",
-        _detect_eva_reference,
-        _convert_eva_reference,
-    ),
-    CheckpointLayout(
-        "openai_clip",
-        "OpenAI CLIP state dict (open_clip names + input_resolution/context_length/vocab_size)",
-        _detect_openai,
-        _convert_openai,
-    ),
-    CheckpointLayout(
-        "dense_clip",
-        "a DenseCLIP module's own state_dict() (open_clip keys under 'clip.')",
-        _detect_dense_clip,
-        _convert_dense_clip,
-    ),
-    CheckpointLayout("open_clip", "open_clip state dict (CLIP / CustomTextCLIP)", _detect_any, _identity),
-)
-
-
-def _sample(keys: set[str] | list[str]) -> str:
-    """A few keys, taken round-robin across top-level groups (visual, text, ...) so every tower shows up."""
-    groups: dict[str, list[str]] = {}
-    for key in sorted(keys):
-        groups.setdefault(key.split(".")[0], []).append(key)
-    picked: list[str] = []
-    while len(picked) < min(_SAMPLE, len(keys)):
-        for members in groups.values():
-            if members and len(picked) < _SAMPLE:
-                picked.append(members.pop(0))
-    more = f" (+{len(keys) - len(picked)} more)" if len(keys) > len(picked) else ""
-    return f"[{', '.join(picked)}]{more}"
-
-
-def _mismatch_report(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Optional[str]:
-    missing = set(expected) - set(converted)
-    unexpected = set(converted) - set(expected)
-    wrong_shape = [
-        f"{k}: {tuple(converted[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(converted) & set(expected))
-        if tuple(converted[k].shape) != tuple(expected[k].shape)
-    ]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys, e.g. {_sample(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys, e.g. {_sample(unexpected)}")
-    if wrong_shape:
-        parts.append(f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:_SAMPLE]}")
-    return "; ".join(parts) if parts else None
-
-
-def convert_to_model_layout(
-    state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str = "state dict"
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Find the layout of ``state_dict`` that fits ``model`` exactly; return (converted dict, layout name).
-
-    Raises:
-        CheckpointLayoutError: no layout gives exactly the model's keys and shapes; the message lists each
-            layout tried with why it failed, including samples of missing and unexpected keys.
-    """
-    sd = dict(state_dict)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    expected = model.state_dict()
-    attempts = []
-    for layout in LAYOUTS:
-        reason = layout.detect(sd)
-        if reason is not None:
-            attempts.append(f"  - {layout.name} ({layout.description}): not detected, {reason}")
-            continue
-        try:
-            converted = layout.convert(sd, model)
-        except ValueError as err:
-            attempts.append(f"  - {layout.name} ({layout.description}): {err}")
-            continue
-        # open_clip stores logit_scale as a 0-d or 1-d tensor depending on version; only the value matters
-        for key in ("logit_scale", "logit_bias"):
-            if key in converted and key in expected and converted[key].numel() == expected[key].numel():
-                converted[key] = converted[key].reshape(expected[key].shape)
-        report = _mismatch_report(converted, expected)
-        if report is None:
-            return converted, layout.name
-        attempts.append(f"  - {layout.name} ({layout.description}): {report}")
-    raise CheckpointLayoutError(
-        f"{source}: matches no supported checkpoint layout for a {type(model).__name__} with "
-        f"{len(expected)} state-dict entries. Layouts tried:\n" + "\n".join(attempts)
-    )
-
-
-def load_checkpoint_into(model: nn.Module, checkpoint: LoadedCheckpoint, model_name: str) -> str:
-    """Convert and strictly load a read checkpoint into an open_clip model; returns the layout name.
-
-    A file written by :func:`save_weights` records the model name it was saved from; loading it into a
-    different architecture name is refused even when the shapes happen to fit.
-    """
-    saved_name = checkpoint.metadata.get(META_MODEL_NAME)
-    if saved_name is not None and saved_name != model_name:
-        raise CheckpointLayoutError(
-            f"{checkpoint.path}: was saved from model '{saved_name}', refusing to load it as '{model_name}'"
-        )
-    converted, layout = convert_to_model_layout(checkpoint.state_dict, model, source=str(checkpoint.path))
-    model.load_state_dict(converted, strict=True)
-    return layout
-
-
 # --------------------------------------------------------------------------------------------- writing
+
+
+def write_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    metadata: Optional[Mapping[str, str]] = None,
+    wrapper: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write tensors atomically as ``.safetensors`` (with ``metadata``) or a torch file.
+
+    ``wrapper`` (torch files only) puts the tensors under ``"state_dict"`` beside the given plain entries, as
+    the reference training code saves them. Tensors are cloned to contiguous CPU memory first: safetensors
+    refuses shared storage, and the file must not alias live parameters.
+    """
+    p = Path(path)
+    data = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    if p.suffix == ".safetensors":
+        if wrapper:
+            raise ValueError(f"{p}: a safetensors file holds tensors only; write the wrapped layout as .pt")
+        from safetensors.torch import save_file
+
+        meta = {"format": "pt", **dict(metadata or {})}
+        atomic_save(p, lambda tmp: save_file(data, str(tmp), metadata=meta))
+    elif p.suffix in (".pt", ".pth", ".bin"):
+        obj: Any = {**dict(wrapper), "state_dict": data} if wrapper else data
+        atomic_save(p, lambda tmp: torch.save(obj, tmp))
+    else:
+        raise ValueError(f"{p}: unknown weights format '{p.suffix}', expected .safetensors, .pt, .pth or .bin")
+    return p
 
 
 def save_weights(
@@ -379,18 +179,7 @@ def save_weights(
     The file loads with ``open_clip.create_model(model_name, pretrained=path)`` and with
     ``create_backbone(ModelSpec(model_name, pretrained=path))``.
     """
-    p = Path(path)
-    # clone: safetensors refuses tensors that share storage, and the file must not alias live parameters
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    if p.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        metadata = {"format": "pt", META_LAYOUT: "open_clip"}
-        if model_name is not None:
-            metadata[META_MODEL_NAME] = model_name
-        atomic_save(p, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    elif p.suffix in (".pt", ".pth", ".bin"):
-        atomic_save(p, lambda tmp: torch.save(tensors, tmp))
-    else:
-        raise ValueError(f"{p}: unknown weights format '{p.suffix}', expected .safetensors, .pt, .pth or .bin")
-    return p
+    metadata = {META_LAYOUT: "open_clip"}
+    if model_name is not None:
+        metadata[META_MODEL_NAME] = model_name
+    return write_tensors(state_dict, path, metadata=metadata if Path(path).suffix == ".safetensors" else None)

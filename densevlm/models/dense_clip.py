@@ -11,6 +11,7 @@ projected) live in one subclass per family: :mod:`densevlm.models.openclip_vit` 
 
 from __future__ import annotations
 
+import copy
 from abc import ABCMeta, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
@@ -42,6 +43,8 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         dense_last_block: default for :meth:`encode_dense`, "value" (reference) or "standard".
         source: where the weights came from ("random init", a file path or an open_clip tag).
         load_info: details of the load (layout detected, file format, checkpoint extras).
+        model_cfg: the open_clip model config the model was built from (overrides and QuickGELU applied).
+        preprocess_cfg: open_clip's preprocessing config for the model (size, mean, std, interpolation, ...).
     """
 
     family: str = ""
@@ -60,6 +63,8 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         source: str = "random init",
         weights_sha256: Optional[str] = None,
         load_info: Optional[dict[str, Any]] = None,
+        model_cfg: Optional[dict[str, Any]] = None,
+        preprocess_cfg: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if dense_last_block not in ("value", "standard"):
@@ -73,6 +78,8 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         self.dense_last_block: LastBlock = dense_last_block
         self.source = source
         self.load_info = dict(load_info or {})
+        self.model_cfg = copy.deepcopy(model_cfg) if model_cfg is not None else {}
+        self.preprocess_cfg = dict(preprocess_cfg or {})
         self._weights_sha256 = weights_sha256
         # Plain dict attributes (not buffers): derived tables must not enter the state dict.
         self._pos_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -179,6 +186,46 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         x = last(blocks[-1], x, ctx)
         features = F.normalize(self._project_dense(x[:, self.num_prefix_tokens:]), dim=-1)
         return features.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+    def encode_dense_with_intermediates(
+        self, images: torch.Tensor, indices: Sequence[int], *, last_block: Optional[LastBlock] = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`encode_dense` plus the patch tokens after the given blocks, from one pass through the tower.
+
+        Args:
+            images: as for :meth:`encode_dense`.
+            indices: 0-based block indices (any order, ``-1`` = last); the last block's output is taken from the
+                path the dense map uses (``last_block``), as F-ViT takes it.
+            last_block: as for :meth:`encode_dense`.
+
+        Returns:
+            ``([(B, width, H // p, W // p) per index, in the order given], (B, embed_dim, H // p, W // p) dense map)``.
+        """
+        mode = last_block if last_block is not None else self.dense_last_block
+        if mode not in ("value", "standard"):
+            raise ValueError(f"last_block: expected 'value' or 'standard', got {mode!r}")
+        blocks = self.visual_blocks()
+        wanted = [i + len(blocks) if i < 0 else i for i in indices]
+        bad = [i for i, w in zip(indices, wanted) if not 0 <= w < len(blocks)]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range for {len(blocks)} blocks")
+        x, (h, w), ctx = self._embed(self._prepare(images))
+        taken: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(blocks):
+            if i < len(blocks) - 1:
+                x = self._block(block, x, ctx)
+            else:
+                x = (self._block_value_path if mode == "value" else self._block)(block, x, ctx)
+            if i in wanted:
+                taken[i] = x[:, self.num_prefix_tokens:].reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        features = F.normalize(self._project_dense(x[:, self.num_prefix_tokens:]), dim=-1)
+        dense = features.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return [taken[i].contiguous() for i in wanted], dense
+
+    @property
+    def width(self) -> int:
+        """Channels of the vision tower's tokens (the intermediate maps of :meth:`encode_dense_with_intermediates`)."""
+        return int(self._patch_weight().shape[0])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The training forward: :meth:`encode_dense` (so a DDP-wrapped model syncs dense-path gradients)."""

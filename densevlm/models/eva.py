@@ -12,6 +12,7 @@ open_clip config: the EVA02-CLIP-B/16 recipe shrunk to the golden fixture's size
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from densevlm.models.dense_clip import DenseCLIP
 from densevlm.models.positional import reference_rope_sincos
 
-__all__ = ["EvaDense", "eva02_tiny_d3_patch16_clip_224"]
+__all__ = ["EvaDense", "eva02_tiny_d3_patch16_clip_224", "eva02_trunk_name", "register_eva02_trunk"]
 
 
 @register_model
@@ -56,6 +57,54 @@ def eva02_tiny_d3_patch16_clip_224(pretrained: bool = False, **kwargs: Any) -> E
     )
     args.update(kwargs)
     return Eva(**args)
+
+
+#: timm names of EVA02-CLIP trunks of any size: the name spells the whole architecture, so a config that names one
+#: (an export's open_clip config, a local-dir folder) can be built in a fresh process: see register_eva02_trunk.
+_TRUNK_NAME = re.compile(
+    r"^densevlm_eva02_w(?P<w>\d+)_d(?P<d>\d+)_h(?P<h>\d+)_p(?P<p>\d+)_i(?P<i>\d+)_m(?P<m>\d+)_r(?P<r>\d+)"
+    r"_(?P<subln>[sn])(?P<bias>[bu])(?P<ls>l?)$"
+)
+
+
+def eva02_trunk_name(*, width: int, depth: int, heads: int, patch: int, image: int, mlp_hidden: int,
+                     rope_pretrain_grid: int, subln: bool, qkv_bias: bool, layer_scale: bool) -> str:
+    """The timm name of an EVA02-CLIP trunk (q/k/v split, SwiGLU MLP; ``rope_pretrain_grid`` 0 = no RoPE)."""
+    return (f"densevlm_eva02_w{width}_d{depth}_h{heads}_p{patch}_i{image}_m{mlp_hidden}_r{rope_pretrain_grid}_"
+            f"{'s' if subln else 'n'}{'b' if qkv_bias else 'u'}{'l' if layer_scale else ''}")
+
+
+def register_eva02_trunk(name: str) -> bool:
+    """Register the timm entrypoint for a name made by :func:`eva02_trunk_name`; False if the name is not one."""
+    import timm
+
+    match = _TRUNK_NAME.match(name)
+    if match is None:
+        return False
+    if timm.is_model(name):
+        return True
+    g = {k: int(v) for k, v in match.groupdict().items() if v.isdigit()}
+    args: dict[str, Any] = dict(
+        img_size=g["i"], patch_size=g["p"], embed_dim=g["w"], depth=g["d"], num_heads=g["h"], qkv_fused=False,
+        qkv_bias=match["bias"] == "b",
+        mlp_ratio=(g["m"] + 0.5) / g["w"],  # timm builds int(width * mlp_ratio) hidden units
+        swiglu_mlp=True, scale_mlp=match["subln"] == "s", scale_attn_inner=match["subln"] == "s",
+        use_rot_pos_emb=g["r"] > 0, ref_feat_shape=(g["r"], g["r"]) if g["r"] else None,
+        init_values=1.0 if match["ls"] else None,
+    )
+
+    def entry(pretrained: bool = False, **kwargs: Any) -> Eva:
+        if pretrained:
+            raise ValueError(f"{name} has no pretrained timm weights; load a CLIP checkpoint instead")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)  # timm.create_model passes these to every entrypoint
+        return Eva(**{**args, "global_pool": kwargs.pop("global_pool", "token"), **kwargs})
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = f"EVA02-CLIP trunk {args}"
+    register_model(entry)
+    return True
 
 
 class EvaDense(DenseCLIP):

@@ -23,14 +23,11 @@ from timm.models.eva import Eva
 
 from densevlm.config.core import ConfigError, from_dict, read_yaml, to_dict
 from densevlm.config.model import ModelSpec
-from densevlm.models.checkpoints import (
-    LoadedCheckpoint,
-    load_checkpoint_into,
-    read_checkpoint,
-    sha256_file,
-)
+from densevlm.models.checkpoints import LoadedCheckpoint, read_checkpoint, sha256_file
 from densevlm.models.dense_clip import DenseCLIP
 from densevlm.models.eva import EvaDense
+from densevlm.models.layouts import infer_model_name, load_checkpoint_into, register_config_path
+from densevlm.models.layouts.local_dir import is_local_dir, read_local_dir
 from densevlm.models.openclip_vit import OpenCLIPViTDense
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -40,7 +37,6 @@ REFERENCE_NAME_ALIASES = {
     "EVA02-CLIP-B-16": "EVA02-B-16",
     "EVA02-CLIP-L-14": "EVA02-L-14",
     "EVA02-CLIP-L-14-336": "EVA02-L-14-336",
-    "EVA02-CLIP-tiny-16": "EVA02-Ti-16-golden",  # the golden fixture's reference config name
 }
 
 #: files a run directory must / may hold.
@@ -66,9 +62,14 @@ def register_model_configs() -> None:
 
 
 def resolve_model_name(name: str) -> str:
-    """Map a user or reference model name to a registered open_clip config name, or raise ConfigError."""
+    """Map a user or reference model name to a registered open_clip config name, or raise ConfigError.
+
+    A path to a model-config JSON (open_clip's format, or a reference ``eva_clip`` config) registers it first.
+    """
     from densevlm import zoo
 
+    if name.endswith(".json") and Path(name).expanduser().is_file():
+        return register_config_path(Path(name).expanduser())
     resolved = zoo.architecture(name) or REFERENCE_NAME_ALIASES.get(name, name).replace("/", "-")
     available = open_clip.list_models()
     if resolved not in available:
@@ -207,9 +208,16 @@ def _resolve_source(spec: ModelSpec) -> tuple[ModelSpec, str, Optional[Path], Op
     if not spec.pretrained:
         return spec, resolve_model_name(spec.name), None, None
     src = Path(spec.pretrained).expanduser()
+    if is_local_dir(src):  # open_clip's Hub folder: its config names the architecture
+        name, weights_file = read_local_dir(src)
+        if spec.name and resolve_model_name(spec.name) != name:
+            raise ConfigError(f"{src}: holds model '{name}' but the spec asks for '{spec.name}'")
+        return spec, name, weights_file, None
     if src.is_dir():
         weights_file, spec = _resolve_run_dir(src, spec)
         return spec, resolve_model_name(spec.name), weights_file, None
+    if not spec.name and src.is_file():
+        return spec, infer_model_name(src), src, None
     name = resolve_model_name(spec.name)
     if src.is_file():
         return spec, name, src, None
@@ -281,6 +289,8 @@ def create_backbone(spec: Union[ModelSpec, str], *, device: Union[str, torch.dev
         source = f"open_clip:{name}/{tag}"
 
     preprocess = open_clip.get_model_preprocess_cfg(clip)
+    if spec.force_quick_gelu:
+        config["quick_gelu"] = True
     context_length = int(config["text_cfg"].get("context_length", 77))
     family = _pick_family(clip)
     model = family(
@@ -294,5 +304,7 @@ def create_backbone(spec: Union[ModelSpec, str], *, device: Union[str, torch.dev
         source=source,
         weights_sha256=weights_sha256,
         load_info=load_info,
+        model_cfg=config,
+        preprocess_cfg=preprocess,
     )
     return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Integrations with downstream frameworks; each imports its framework lazily (optional dependencies)."""
