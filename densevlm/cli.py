@@ -313,7 +313,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
     p.add_argument("--from-scratch", action="store_true",
                    help="re-make the student and teacher from the zoo recipes instead of using the shipped zoo "
-                   "(about 40 h on 2 CPU cores; the shipped weights are never overwritten)")
+                   "(about 30 h on 2 CPU cores; the shipped weights are never overwritten)")
 
 
 COMMANDS: list[Command] = [

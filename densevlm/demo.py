@@ -85,7 +85,7 @@ def models_stage(cfg: DemoConfig, from_scratch: bool) -> dict[str, ModelSpec]:
         result = read_json(done)
     else:
         print(f"[2] models from scratch: running the zoo recipes into {root} (the shipped zoo is not touched). "
-              "On 2 CPU cores this takes about 40 hours (the zoo was made in 15 minutes on one H200 GPU); "
+              "On 2 CPU cores this takes about 30 hours (the zoo was made in 15 minutes on one H200 GPU); "
               "see `densevlm zoo list` for each model's recipe and time")
         b = cfg.zoo_build
         result = build_zoo(root, workers=b.workers, world_overrides=tuple(b.world_overrides),

@@ -52,7 +52,7 @@ def test_quick_demo_from_scratch_rebuilds_the_zoo_without_touching_the_shipped_o
             "--set", f"output_dir={out}"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "running the zoo recipes" in printed and "about 40 hours" in printed
+    assert "running the zoo recipes" in printed and "about 30 hours" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"]["base"]["spec"]["pretrained"] == str(out.resolve() / "zoo_from_scratch" / "toy-student")
     assert summary["models"]["teacher"]["spec"]["name"] == "ToyCLIP-ViT-B-12"
