@@ -414,7 +414,7 @@ def evaluate_semseg(model: Any, cfg: SemSegEvalConfig, *, progress: bool = True,
     result["config"] = to_dict(cfg)
     if main and write:
         out_dir = Path(cfg.output_dir)
-        atomic_write_json(out_dir / RESULT_FILE, result)
+        atomic_write_json(out_dir / RESULT_FILE, _json_safe(result))
         if cfg.figures:
             from densevlm.data.images import load_rgb
             from densevlm.evaluation.semseg_figures import write_semseg_figures
@@ -427,6 +427,17 @@ def evaluate_semseg(model: Any, cfg: SemSegEvalConfig, *, progress: bool = True,
 
             atomic_write_text(out_dir / "per_class.csv", per_class_csv(result))
     return result
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN (a class without ground truth) as null: strict JSON readers reject NaN."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 # ---------------------------------------------------------------------- table
