@@ -48,8 +48,12 @@ def window_logits(segmenter: Segmenter, images: Sequence[torch.Tensor], *, mode:
         windows = [(0, h, 0, w)] if mode == "whole" else slide_windows(h, w, crop_size, stride)
         for win in windows:
             groups.setdefault((win[1] - win[0], win[3] - win[2]), []).append((i, win))
+    windows_of = [0] * len(images)
+    for jobs in groups.values():
+        for i, _ in jobs:
+            windows_of[i] += 1
     sums: list[Optional[torch.Tensor]] = [None] * len(images)
-    counts = [torch.zeros(img.shape[-2:], device=device) for img in images]
+    counts: list[Optional[torch.Tensor]] = [None] * len(images)  # stays None for a single window (no copies)
     for jobs in groups.values():
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
@@ -59,11 +63,16 @@ def window_logits(segmenter: Segmenter, images: Sequence[torch.Tensor], *, mode:
                 raise ValueError(f"{type(segmenter).__name__} returned logits of shape {tuple(out.shape)} for input "
                                  f"{tuple(x.shape)}; expected (B, C, H, W) at the input size")
             for (i, (y1, y2, x1, x2)), logits in zip(chunk, out):
+                if windows_of[i] == 1:
+                    sums[i] = logits
+                    continue
                 if sums[i] is None:
                     sums[i] = torch.zeros((logits.shape[0], *images[i].shape[-2:]), device=device)
+                    counts[i] = torch.zeros(images[i].shape[-2:], device=device)
                 sums[i][:, y1:y2, x1:x2] += logits
                 counts[i][y1:y2, x1:x2] += 1
-    return [s / c for s, c in zip(sums, counts)]  # every pixel is covered: windows tile the image
+    # Every pixel is covered: the windows tile the image.
+    return [s if c is None else s / c for s, c in zip(sums, counts)]
 
 
 def add_background(logits: torch.Tensor, index: int, score: float) -> torch.Tensor:
