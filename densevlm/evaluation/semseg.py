@@ -170,9 +170,9 @@ class Detectron2SemSegEvaluator:
         try:
             from detectron2.data import DatasetCatalog, MetadataCatalog
             from detectron2.evaluation import SemSegEvaluator as D2SemSegEvaluator
-        except ImportError as err:
-            raise ImportError(f"detectron2 is not importable ({err}); install it with `make detectron2` or set "
-                              "metrics_backend: densevlm") from None
+        except ImportError as err:  # a RuntimeError, so the CLI prints the message rather than a traceback
+            raise RuntimeError(f"metrics_backend: detectron2 is not importable ({err}); install it with "
+                               "`make detectron2` or set metrics_backend: densevlm") from None
         from densevlm.data.semseg import read_label
 
         records = [{"file_name": r["file_name"], "sem_seg_file_name": r["sem_seg_file_name"]} for r in records]
