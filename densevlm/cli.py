@@ -165,6 +165,22 @@ def cmd_eval_regions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_semseg(args: argparse.Namespace) -> int:
+    from densevlm.config.semseg import SemSegEvalConfig
+    from densevlm.evaluation.semseg import RESULT_FILE, evaluate_semseg, format_table
+
+    cfg = load_config(SemSegEvalConfig, args.config, _overrides(args))
+    result = evaluate_semseg(None, cfg, progress=True)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(format_table(result))
+        counts = result["counts"]
+        print(f"wrote {cfg.output_dir}/{RESULT_FILE} ({counts['images']} images, {counts['skipped']} skipped; "
+              f"metrics by {result['metrics_backend']})")
+    return 0
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     r = sub.add_parser("regions", help="region classification (reference protocol): boxes and masks of ground-truth "
@@ -180,6 +196,14 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(r, "the dataclass defaults; see configs/eval/",
                      example="model.pretrained=runs/densevlm_toy data.image_size=192 batch_size=8")
     r.set_defaults(fn=cmd_eval_regions)
+    s = sub.add_parser("semseg", help="training-free open-vocabulary semantic segmentation (dense CLIP vs class "
+                       "text embeddings, slide inference): mIoU, fwIoU, mACC, pACC, per-class IoU",
+                       description="Semantic segmentation on an image folder + label-PNG folder (detectron2/mmseg "
+                       "layout); writes semseg.json, per_class.csv, class_iou.png and overlays.png into output_dir. "
+                       "Several processes: `accelerate launch -m densevlm.cli eval semseg ...`.")
+    _add_config_args(s, "the dataclass defaults; see configs/eval/semseg_*.yaml",
+                     example="model.pretrained=runs/demo/densevlm inference.short_side=448")
+    s.set_defaults(fn=cmd_eval_semseg)
 
 
 # --------------------------------------------------------------------------- export
@@ -324,8 +348,8 @@ COMMANDS: list[Command] = [
     ("train", "region-language alignment (DenseVLM or CLIPSelf) with accelerate; launch multi-GPU runs with "
      "`accelerate launch -m densevlm.cli train ...`",
      lambda p: _train_args(p, "the dataclass defaults; see configs/train/"), cmd_train),
-    ("eval", "evaluate a model: `densevlm eval regions --config configs/eval/...` (region classification)",
-     _eval_args, None),
+    ("eval", "evaluate a model: `densevlm eval regions|semseg --config configs/eval/...` (region classification, "
+     "semantic segmentation)", _eval_args, None),
     ("embed-text", "build class text embeddings for a vocabulary and template set (cached, unit norm)",
      _embed_text_args, cmd_embed_text),
     ("zoo", "the model zoo: `densevlm zoo list`, `densevlm zoo build`", _zoo_args, None),
@@ -349,6 +373,10 @@ def recipe_class(path: str | Path) -> type:
     classes: dict[str, type] = {"toyworld": ToyWorldConfig, "pretrain": PretrainConfig, "demo": DemoConfig,
                                 "train": AlignConfig, "eval": RegionEvalConfig}
     folder = Path(path).parent.name
+    if folder == "eval" and Path(path).name.startswith("semseg_"):
+        from densevlm.config.semseg import SemSegEvalConfig
+
+        return SemSegEvalConfig
     if folder not in classes:
         raise ConfigError(f"{path}: recipes live in configs/<kind>/ with kind one of {sorted(classes)}")
     return classes[folder]

@@ -11,8 +11,17 @@ Two settings, each timed over the whole per-image path (read image and PNG, resi
 Prints one JSON object with images/s (total, and the data / model split of the time), threads, image size,
 batch size and the machine load when each run started.
 
+The segmentation pass (``densevlm.evaluation.semseg``, dense-CLIP segmenter) times the whole per-image path too
+(read image and label PNG, resize, windows, ``encode_dense``, cosine with every class, overlap averaging,
+upsampling to the label size, argmax, confusion matrix) at a recipe's resolution, and reports peak memory:
+
+* ``semseg_toy``: the toy CLIP on 192×192 synthetic label maps (28 classes), one pass per image (semseg_toy.yaml);
+* ``semseg_eva02_b16``: ``EVA02-B-16`` (random weights) on synthetic 512×683 images with the 150 ADE20K classes,
+  short side 448, 448×448 windows every 224 px (semseg_ade20k_150_eva02_b16.yaml).
+
     python tools/bench_eval.py
     python tools/bench_eval.py --toy-root runs/demo/world --threads 2 --eva-images 3
+    python tools/bench_eval.py --skip-regions --semseg-eva-images 8 --device cuda
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -39,8 +49,12 @@ from densevlm.evaluation.regions import (  # noqa: E402
     build_region_dataset,
     run_region_evaluation,
 )
+from densevlm.config import load_config  # noqa: E402
+from densevlm.config.semseg import SemSegDataConfig, SemSegEvalConfig  # noqa: E402
+from densevlm.evaluation.semseg import evaluate_semseg  # noqa: E402
 from densevlm.models import ModelSpec, create_backbone  # noqa: E402
 from densevlm.vocab import text_embeddings_from_config  # noqa: E402
+from densevlm.vocab.vocabulary import ClassEntry, Vocabulary  # noqa: E402
 
 THINGS = ["cat", "dog", "car", "tree", "kite", "boat", "house", "bird"]
 STUFF = ["sky", "grass", "road", "water", "sand", "wall"]
@@ -124,6 +138,74 @@ def bench(model_name: str, data: PanopticDataConfig, *, batch_size: int, warmup_
     }
 
 
+def write_synthetic_semseg(root: Path, num_images: int, width: int, height: int, num_classes: int,
+                           seed: int = 0) -> SemSegDataConfig:
+    """Images with coloured rectangles over bands and their label PNGs (class indices, some 255), detectron2 layout."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(num_classes, 3), dtype=np.uint8)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir(parents=True)
+    for n in range(num_images):
+        label = np.repeat(rng.integers(0, num_classes, size=(4, 1)), height // 4 + 1, axis=0)[:height]
+        label = np.broadcast_to(label, (height, width)).copy()
+        for _ in range(int(rng.integers(3, 9))):
+            h, w = (int(v) for v in rng.integers(height // 10, height // 3, size=2))
+            y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
+            label[y:y + h, x:x + w] = int(rng.integers(num_classes))
+        picture = np.clip(colours[label].astype(int) + rng.integers(-20, 21, size=(height, width, 3)), 0, 255)
+        label[rng.random((height, width)) < 0.01] = 255
+        Image.fromarray(picture.astype(np.uint8)).save(root / "images" / f"{n:06d}.jpg", quality=90)
+        Image.fromarray(label.astype(np.uint8)).save(root / "labels" / f"{n:06d}.png")
+    return SemSegDataConfig(image_root=str(root / "images"), label_root=str(root / "labels"),
+                            num_classes=num_classes)
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak CUDA memory allocated since the last reset (CUDA), else the process' peak resident set size."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_semseg(recipe: str, model_name: str, data: SemSegDataConfig, vocabulary: str, *, device: str,
+                 num_workers: int, batch_size: Optional[int] = None) -> dict[str, Any]:
+    """images/s of the segmentation pass with a recipe's inference settings, after a one-image warm-up."""
+    cfg = load_config(SemSegEvalConfig, Path(__file__).resolve().parents[1] / "configs" / "eval" / recipe)
+    cfg.model = ModelSpec(name=model_name)
+    cfg.text.vocabulary, cfg.text.templates, cfg.text.cache_dir = vocabulary, "single", None
+    cfg.data, cfg.device, cfg.num_workers, cfg.figures, cfg.metrics_backend = data, device, num_workers, 0, "densevlm"
+    if batch_size:
+        cfg.inference.batch_size = batch_size
+    model = create_backbone(cfg.model, device=device)
+    from densevlm.evaluation.semseg import build_semseg_segmenter, semseg_vocabularies
+
+    _, text_vocabulary, _ = semseg_vocabularies(cfg)
+    segmenter = build_semseg_segmenter(model, cfg, text_vocabulary, progress=False)
+    warm = SemSegDataConfig(**{**data.__dict__, "max_images": 1})
+    evaluate_semseg(None, SemSegEvalConfig(**{**cfg.__dict__, "data": warm}), segmenter=segmenter, progress=False,
+                    write=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    load = os.getloadavg()[0]
+    result = evaluate_semseg(None, cfg, segmenter=segmenter, progress=False, write=False)
+    timing, inf = result["timing"], cfg.inference
+    return {
+        "recipe": recipe, "model": model_name, "random_weights": True, "classes": result["vocabulary"]["classes"],
+        "images": result["counts"]["images"],
+        "inference": {"short_side": inf.short_side, "mode": inf.mode, "crop_size": inf.crop_size,
+                      "stride": inf.stride, "batch_size": inf.batch_size},
+        "device": device, "num_workers": num_workers,
+        "seconds": round(timing["seconds"], 3),
+        "images_per_s": round(timing["images_per_s"], 3),
+        "data_s_per_image": round(timing["data_seconds"] / max(1, result["counts"]["images"]), 4),
+        "model_s_per_image": round(timing["model_seconds"] / max(1, result["counts"]["images"]), 4),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "process max RSS",
+        "load_avg_1m_at_start": round(load, 2),
+    }
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toy-root", default=None, help="toy-world root with annotations/panoptic_val.json")
@@ -134,6 +216,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--eva-size", type=int, default=1024)
     parser.add_argument("--eva-batch", type=int, default=1)
     parser.add_argument("--skip-eva", action="store_true")
+    parser.add_argument("--skip-regions", action="store_true", help="only the segmentation pass")
+    parser.add_argument("--skip-semseg", action="store_true", help="only region classification")
+    parser.add_argument("--semseg-toy-images", type=int, default=32)
+    parser.add_argument("--semseg-eva-images", type=int, default=2)
+    parser.add_argument("--semseg-batch", type=int, default=0, help="windows per forward (0: the recipe's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: in-process)")
     parser.add_argument("--device", default="cpu")
@@ -147,6 +234,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     try:
+        if not args.skip_semseg:
+            toy = write_synthetic_semseg(tmp / "semseg_toy", args.semseg_toy_images, 192, 192, 28)
+            vocab = tmp / "toy_vocab.json"
+            Vocabulary("bench28", tuple(ClassEntry(f"class {i}") for i in range(28))).to_json(vocab)
+            out["semseg_toy"] = {"data": "synthetic 192x192, 28 classes", **bench_semseg(
+                "semseg_toy.yaml", "ToyCLIP-ViT-T-16", toy, str(vocab), device=args.device,
+                num_workers=args.num_workers, batch_size=args.semseg_batch)}
+            if not args.skip_eva:
+                ade = write_synthetic_semseg(tmp / "semseg_ade", args.semseg_eva_images, 683, 512, 150, seed=1)
+                out["semseg_eva02_b16"] = {"data": "synthetic 683x512 (ADE20K-like), 150 classes", **bench_semseg(
+                    "semseg_ade20k_150_eva02_b16.yaml", "EVA02-B-16", ade, "ade20k_150", device=args.device,
+                    num_workers=args.num_workers, batch_size=args.semseg_batch)}
+        if args.skip_regions:
+            print(json.dumps(out, indent=2))
+            return out
         if args.toy_root:
             root = Path(args.toy_root)
             toy = PanopticDataConfig(panoptic_json=str(root / "annotations" / "panoptic_val.json"),

@@ -20,6 +20,8 @@ BUILTIN_VOCABULARIES: dict[str, str] = {
     "coco_stuff_171": "coco_stuff_171.json",
     "pascal_context_59": "pascal_context_59.json",
     "voc_21": "voc_21.json",
+    "voc_20": "voc_20.json",  # voc_21 without background (derived here, for the VOC-20 benchmark)
+    "pascal_context_60": "pascal_context_60.json",  # background + pascal_context_59 (Context-60 benchmark)
     "cityscapes_19": "cityscapes_19.json",
     "coco_ade_316": "coco_ade_316.json",
 }

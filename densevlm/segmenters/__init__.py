@@ -1,0 +1,7 @@
+"""Training-free dense predictors with one interface (images -> per-class logits) and the inference protocol."""
+
+from densevlm.segmenters.base import Segmenter
+from densevlm.segmenters.dense_clip import DenseCLIPSegmenter
+from densevlm.segmenters.inference import add_background, predict, slide_windows
+
+__all__ = ["DenseCLIPSegmenter", "Segmenter", "add_background", "predict", "slide_windows"]
