@@ -8,7 +8,9 @@ Stages (each reused on a re-run when its outputs exist and its config is unchang
 4. DenseVLM-tune the student with the teacher, on the seen classes only;
 5. region classification of base, CLIPSelf, DenseVLM and the teacher on toy val (six keys, seen and novel),
    the table, and figures: toy images with panoptic overlays, foreground bias before and after, per-token
-   probability maps.
+   probability maps;
+6. training-free semantic segmentation (dense CLIP) of the same four models: mIoU over all, seen and novel
+   classes, per-class IoU bars and prediction overlays.
 """
 
 from __future__ import annotations
@@ -186,6 +188,34 @@ def eval_stage(cfg: DemoConfig, world: Path, specs: dict[str, ModelSpec], models
     return results
 
 
+def semseg_stage(cfg: DemoConfig, world: Path, specs: dict[str, ModelSpec], models: dict[str, Any],
+                 fresh: bool) -> dict[str, Any]:
+    """Dense-CLIP semantic segmentation of each model on toy val; reused when config and weights are unchanged."""
+    from densevlm.config.semseg import SemSegDataConfig, SemSegEvalConfig
+    from densevlm.config.vocab import TextEmbeddingConfig
+    from densevlm.evaluation.semseg import RESULT_FILE, evaluate_semseg
+
+    results = {}
+    for name, spec in specs.items():
+        scfg = SemSegEvalConfig(
+            output_dir=str(Path(cfg.output_dir) / "semseg" / name), model=spec,
+            data=SemSegDataConfig(image_root=str(world / "images" / "val"),
+                                  label_root=str(world / "annotations" / "semantic_val"),
+                                  max_images=cfg.semseg.max_images),
+            text=TextEmbeddingConfig(vocabulary=eval_vocabulary(cfg, world), templates=cfg.semseg.templates),
+            inference=copy.deepcopy(cfg.semseg.inference), num_workers=2, device="cpu",
+            metrics_backend="densevlm", figures=cfg.semseg.figures,
+        )
+        saved = Path(scfg.output_dir) / RESULT_FILE
+        if not fresh and saved.is_file():
+            old = read_json(saved)
+            if old.get("config") == to_dict(scfg) and old.get("model", {}).get("weights_id") == models[name].weights_id:
+                results[name] = old
+                continue
+        results[name] = evaluate_semseg(models[name], scfg, progress=True)
+    return results
+
+
 def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, Any], results: dict[str, Any],
                  figures: Path) -> list[Path]:
     """Foreground bias before/after, and per-token probability maps of one image under every model."""
@@ -223,6 +253,7 @@ def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, Any], results: 
 def run_demo(cfg: DemoConfig, *, fresh: bool = False, from_scratch: bool = False) -> dict[str, Any]:
     from densevlm.engine.align import run_align
     from densevlm.evaluation.regions import format_table
+    from densevlm.evaluation.semseg import format_table as format_semseg
     from densevlm.models import create_backbone, run_dir_spec
 
     t0 = time.time()
@@ -238,6 +269,7 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False, from_scratch: bool = False
     # Loaded once, for the evaluation and the figures.
     models = {name: create_backbone(spec) for name, spec in eval_specs.items()}
     results = eval_stage(cfg, world, eval_specs, models, fresh)
+    segmentation = semseg_stage(cfg, world, eval_specs, models, fresh)
 
     figures = out / "figures"
     world_figure(world, figures / "toyworld_val.png", cfg.grid_images)
@@ -247,6 +279,8 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False, from_scratch: bool = False
         "models": {name: {"spec": to_dict(spec), "weights_id": models[name].weights_id}
                    for name, spec in eval_specs.items()},
         "regions": {name: r["metrics"] for name, r in results.items()},
+        "semseg": {name: {k: r["metrics"].get(k) for k in ("mIoU", "mIoU.seen", "mIoU.novel", "fwIoU", "mACC",
+                                                            "pACC")} for name, r in segmentation.items()},
         "densevlm_training": {"steps": dense.get("global_step"), "seconds": dense.get("train_seconds"),
                               **dense["history"][-1].get("train", {})},
         "clipself_training": {"steps": clip.get("global_step"), "seconds": clip.get("train_seconds"),
@@ -256,6 +290,8 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False, from_scratch: bool = False
     atomic_write_json(out / "summary.json", summary)
     print("\n[5] " + format_table(results, title="region classification on toy val (mean per-class accuracy, %; "
                                    "novel classes never named during alignment; teacher = DenseVLM's teacher)"))
-    print(f"\nfigures in {figures}; TensorBoard: tensorboard --logdir {cfg.output_dir}")
+    print("\n[6] " + format_semseg(segmentation, title="semantic segmentation on toy val (dense CLIP, training-free, "
+                                  "%; every pixel classified among all 28 classes)"))
+    print(f"\nfigures in {figures} and {out / 'semseg'}/*/; TensorBoard: tensorboard --logdir {cfg.output_dir}")
     print(f"demo finished in {seconds:.0f}s")
     return summary

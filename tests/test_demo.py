@@ -28,6 +28,12 @@ def test_quick_demo_end_to_end_and_rerun_reuses_stages(tmp_path, capsys):
             assert metrics[key.replace("thing.", "thing.novel.").replace("stuff.", "stuff.novel.")] is not None
         # top-5 is never below top-1
         assert metrics["maskpool.stuff.macc5"] >= metrics["maskpool.stuff.macc1"]
+    assert set(summary["semseg"]) == set(summary["regions"])
+    for metrics in summary["semseg"].values():
+        assert 0.0 <= metrics["mIoU.novel"] <= 100.0 and 0.0 <= metrics["mIoU.seen"] <= 100.0
+        assert 0.0 < metrics["mIoU"] <= metrics["fwIoU"] + 100.0
+    for name in summary["semseg"]:
+        assert (out / "semseg" / name / "semseg.json").is_file()
     for fig in ("toyworld_val.png", "foreground_bias.png", "probability_maps.png"):
         assert (out / "figures" / fig).stat().st_size > 10_000, fig
     assert "region classification on toy val" in first and "densevlm" in first
@@ -40,7 +46,8 @@ def test_quick_demo_end_to_end_and_rerun_reuses_stages(tmp_path, capsys):
                   "DenseVLM (student): reusing"):
         assert stage in second, stage
     assert (out / "densevlm" / "weights.safetensors").stat().st_mtime_ns == weights
-    assert json.loads((out / "summary.json").read_text())["regions"] == summary["regions"]
+    again = json.loads((out / "summary.json").read_text())
+    assert again["regions"] == summary["regions"] and again["semseg"] == summary["semseg"]
 
 
 def test_quick_demo_from_scratch_rebuilds_the_zoo_without_touching_the_shipped_one(tmp_path, capsys):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from densevlm.config.align import AlignConfig, DenseVLMParams, RegionDataConfig
 from densevlm.config.evaluation import RegionTextConfig
 from densevlm.config.model import ModelSpec
+from densevlm.config.semseg import SemSegInferenceConfig
 from densevlm.config.toyworld import ToyWorldConfig
 from densevlm.config.train import LoopConfig, OptimConfig
 from densevlm.config.vocab import TextEmbeddingConfig
@@ -64,6 +65,17 @@ class DemoEvalConfig:
 
 
 @dataclass
+class DemoSemSegConfig:
+    """Training-free semantic segmentation (dense CLIP) of every model on toy val: mIoU over all, seen, novel."""
+
+    inference: SemSegInferenceConfig = field(
+        default_factory=lambda: SemSegInferenceConfig(short_side=192, max_long_side=None, mode="whole", batch_size=16))
+    templates: str = "short"
+    figures: int = 4  # prediction overlays per model
+    max_images: int | None = None
+
+
+@dataclass
 class ZooBuildConfig:
     """``--from-scratch``: how the zoo recipes run (recipe values stay as in configs/; overrides for tests)."""
 
@@ -83,5 +95,6 @@ class DemoConfig:
     clipself: AlignConfig = field(default_factory=_demo_clipself)
     densevlm: AlignConfig = field(default_factory=_demo_densevlm)
     eval: DemoEvalConfig = field(default_factory=DemoEvalConfig)
+    semseg: DemoSemSegConfig = field(default_factory=DemoSemSegConfig)
     zoo_build: ZooBuildConfig = field(default_factory=ZooBuildConfig)
     grid_images: int = 8  # images in the toy-world contact sheet
