@@ -191,7 +191,7 @@ def eval_stage(cfg: DemoConfig, world: Path, specs: dict[str, ModelSpec], models
 def semseg_stage(cfg: DemoConfig, world: Path, specs: dict[str, ModelSpec], models: dict[str, Any],
                  fresh: bool) -> dict[str, Any]:
     """Dense-CLIP semantic segmentation of each model on toy val; reused when config and weights are unchanged."""
-    from densevlm.config.semseg import SemSegDataConfig, SemSegEvalConfig
+    from densevlm.config.semseg import SemSegEvalConfig, toyworld_data
     from densevlm.config.vocab import TextEmbeddingConfig
     from densevlm.evaluation.semseg import RESULT_FILE, evaluate_semseg
 
@@ -199,9 +199,7 @@ def semseg_stage(cfg: DemoConfig, world: Path, specs: dict[str, ModelSpec], mode
     for name, spec in specs.items():
         scfg = SemSegEvalConfig(
             output_dir=str(Path(cfg.output_dir) / "semseg" / name), model=spec,
-            data=SemSegDataConfig(image_root=str(world / "images" / "val"),
-                                  label_root=str(world / "annotations" / "semantic_val"),
-                                  max_images=cfg.semseg.max_images),
+            data=toyworld_data(world, "val", max_images=cfg.semseg.max_images),
             text=TextEmbeddingConfig(vocabulary=eval_vocabulary(cfg, world), templates=cfg.semseg.templates),
             inference=copy.deepcopy(cfg.semseg.inference), num_workers=2, device="cpu",
             metrics_backend="densevlm", figures=cfg.semseg.figures,
