@@ -268,13 +268,9 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'name':22s} {'architecture':18s} {'params':>8s} {'MB':>6s} {'trained':>9s}  quality (toy val, %)")
     for e in entries:
-        m = e.info.get("metrics", {})
-        quality = ", ".join(f"{k.replace('zeroshot.', 'zs.').replace('regions.', '')} {m[k]:.1f}" for k in (
-            "zeroshot.thing.top1", "zeroshot.stuff.top1", "regions.rois.thing.macc1", "regions.maskpool.stuff.macc1")
-            if k in m)
         mb = e.info.get("bytes", 0) / 1e6
         print(f"{e.name:22s} {e.architecture:18s} {(e.params or 0) / 1e6:7.2f}M {mb:6.1f} "
-              f"{e.info.get('wall_seconds', 0):8.0f}s  {quality}")
+              f"{e.info.get('wall_seconds', 0):8.0f}s  {e.quality()}")
         print(f"{'':22s} {e.role}")
     return 0
 

@@ -66,12 +66,8 @@ def models_stage(cfg: DemoConfig, from_scratch: bool) -> dict[str, ModelSpec]:
         for role, name in (("student", cfg.student), ("teacher", cfg.teacher)):
             entry = zoo.get_entry(name)
             zoo.weights_path(name)  # checks the sha256 now, not in the middle of a stage
-            m = entry.info.get("metrics", {})
-            quality = ", ".join(f"{k} {m[k]:.1f}" for k in ("zeroshot.thing.top1", "zeroshot.stuff.top1",
-                                                             "regions.rois.thing.macc1",
-                                                             "regions.maskpool.stuff.macc1") if k in m)
             print(f"[2] {role}: zoo model '{name}' ({entry.architecture}, {entry.info.get('steps')} steps, "
-                  f"{entry.info.get('wall_seconds', 0):.0f}s on {entry.info.get('hardware', '?')}; {quality})")
+                  f"{entry.info.get('wall_seconds', 0):.0f}s on {entry.info.get('hardware', '?')}; {entry.quality()})")
             specs[role] = ModelSpec(name=name)
         return specs
     from densevlm.zoo.build import RECIPES, build_zoo

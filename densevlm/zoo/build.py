@@ -12,7 +12,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -102,12 +101,12 @@ def _hardware() -> str:
     return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
 
 
-def provenance(recipe: ZooModelRecipe, metrics: dict[str, Any], regions: dict[str, float], wall_seconds: float,
-               hardware: str, command: str, world_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def provenance(recipe: ZooModelRecipe, metrics: dict[str, Any], regions: dict[str, float], hardware: str,
+               command: str, world_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """The manifest's record of how a zoo model was made and how good it is.
 
-    ``metrics`` is the run's ``metrics.json`` (its final zero-shot numbers and per-epoch history become the
-    learning curve); ``regions`` the region-classification metrics at the demo's resolution.
+    ``metrics`` is the run's ``metrics.json`` (its training time, final zero-shot numbers and per-epoch history,
+    which becomes the learning curve); ``regions`` the region-classification metrics at the demo's resolution.
     """
     zero_shot = {k: v for k, v in metrics.get("final", {}).items() if k.startswith("zeroshot.")}
     curve = [{"epoch": h["epoch"], "step": h["step"], "loss": h.get("train", {}).get("loss"),
@@ -119,7 +118,7 @@ def provenance(recipe: ZooModelRecipe, metrics: dict[str, Any], regions: dict[st
         "world_overrides": list(world_overrides),
         "steps": metrics.get("global_step"),
         "epochs": len(metrics.get("history", [])),
-        "wall_seconds": round(wall_seconds, 1),
+        "wall_seconds": round(metrics["train_seconds"], 1),
         "hardware": hardware,
         "metrics": {**zero_shot, **{f"regions.{k}": v for k, v in regions.items()}},
         "curve": curve,
@@ -139,7 +138,7 @@ def build_zoo(
     world_overrides: tuple[str, ...] = (),
     stage_overrides: Optional[dict[str, list[str]]] = None,
 ) -> dict[str, Any]:
-    """Run the zoo recipes into ``root``; returns {zoo name: {run_dir, seconds, metrics}}.
+    """Run the zoo recipes into ``root``; returns {zoo name: {"run_dir": ..., "info": provenance(...)}}.
 
     ``world_overrides`` / ``stage_overrides`` change recipe values (tests use them for a tiny build); a zoo
     published from an overridden build records the overrides in its commands.
@@ -147,14 +146,11 @@ def build_zoo(
     root = Path(root).resolve()
     stage_overrides = stage_overrides or {}
     runs = {r.name: root / r.name for r in RECIPES}
-    timings: dict[str, float] = {}
     commands: dict[str, list[str]] = {}
 
-    t0 = time.time()
     world_cmd = _cli("toyworld", "--config", WORLD_RECIPE, "--out", _paths(root)["world"], "--overwrite",
                      "--set", f"workers={world_workers or workers}", *world_overrides)
     _wait({"world": _run(world_cmd, None)}, {})
-    timings["world"] = time.time() - t0
 
     def stage(recipe: ZooModelRecipe) -> list[str]:
         ov = _stage_overrides(recipe, root, runs, workers, stage_overrides.get(recipe.name, []))
@@ -164,23 +160,17 @@ def build_zoo(
                                  " ".join(["densevlm", *cmd[3:]])]
         return cmd
 
+    # Each run's metrics.json records its own training time, which the manifest reports.
     pre = [r for r in RECIPES if r.command == "pretrain"]
-    t1 = time.time()
     if parallel:
         logs = {r.name: runs[r.name].with_suffix(".log") for r in pre}
         _wait({r.name: _run(stage(r), logs[r.name]) for r in pre}, logs)
-        for r in pre:
-            timings[r.name] = read_json(runs[r.name] / "metrics.json")["train_seconds"]
     else:
         for r in pre:
             _wait({r.name: _run(stage(r), None)}, {})
-            timings[r.name] = time.time() - t1
-            t1 = time.time()
     for r in RECIPES:
         if r.command == "train":
-            t1 = time.time()
             _wait({r.name: _run(stage(r), None)}, {})
-            timings[r.name] = time.time() - t1
             commands[r.name] = commands[r.base] + commands[r.name][1:]
 
     # Region classification of every model at the demo's resolution, the reference protocol.
@@ -202,7 +192,7 @@ def build_zoo(
         hw = hardware + (" (pre-trainings side by side)" if parallel and r.command == "pretrain" else "")
         result[r.name] = {
             "run_dir": str(runs[r.name]),
-            "info": provenance(r, read_json(runs[r.name] / "metrics.json"), regions[r.name], timings[r.name], hw,
+            "info": provenance(r, read_json(runs[r.name] / "metrics.json"), regions[r.name], hw,
                                " && ".join(commands[r.name]), world_overrides),
         }
     (root / "build.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -11,6 +11,7 @@ into the cache (``$DENSEVLM_CACHE``, default ``~/.cache/densevlm``) and checked 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the shipped zoo
 ZOO_DIR_ENV = "DENSEVLM_ZOO"  # points the zoo at another folder (a zoo you built and published yourself)
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+QUALITY_KEYS = ("zeroshot.thing.top1", "zeroshot.stuff.top1", "regions.rois.thing.macc1", "regions.maskpool.stuff.macc1")
 
 
 class ZooError(ValueError):
@@ -45,6 +47,12 @@ class ZooEntry:
     def params(self) -> Optional[int]:
         return self.info.get("params")
 
+    def quality(self) -> str:
+        """The headline numbers of the manifest: zero-shot thing / stuff and the two region keys (toy val, %)."""
+        m = self.info.get("metrics", {})
+        return ", ".join(f"{k.replace('zeroshot.', 'zs.').replace('regions.', '')} {m[k]:.1f}" for k in QUALITY_KEYS
+                         if k in m)
+
 
 def zoo_dir(weights_dir: Optional[Path] = None) -> Path:
     """The zoo folder: ``weights_dir`` if given, else ``$DENSEVLM_ZOO``, else the package's own."""
@@ -60,6 +68,13 @@ def load_manifest(weights_dir: Optional[Path] = None) -> dict[str, ZooEntry]:
     path = manifest_path(weights_dir)
     if not path.is_file():
         return {}
+    stat = path.stat()
+    # Every model-name resolution asks the zoo; the file is parsed again only when it changes.
+    return dict(_parse_manifest(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_manifest(path: str, mtime_ns: int, size: int) -> dict[str, ZooEntry]:
     data = read_json(path, "zoo manifest")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("models"), dict):
         raise ZooError(f"{path}: expected {{'format': {MANIFEST_FORMAT}, 'models': {{name: entry}}}}")
