@@ -10,20 +10,18 @@ Layout under ``root`` (image ids are unique across splits; stems are the 12-digi
     annotations/panoptic_{split}/<stem>.png  RGB-encoded segment ids (id = R + 256 G + 256^2 B)
     annotations/semantic_{split}/<stem>.png  category index in world.json order (0..N-1), 255 = unlabeled
 
-The world is written into a temporary sibling directory (``.<name>.*.partial``) and renamed onto ``root`` at the
-end, so a crashed run never leaves a half-written world behind; files inside that directory are written
-directly, because the rename of the whole directory is what makes the result atomic. The staging directory is
-removed on any Python exception (Ctrl-C included); only a process killed outright (SIGKILL, SIGTERM) can leave
-one behind, next to ``root``.
+The world is written into a temporary sibling directory (``.<name>.*.tmp``, see
+:func:`densevlm.utils.io.atomic_dir`) and renamed onto ``root`` at the end, so a crashed run never leaves a
+half-written world behind; files inside that directory are written directly, because the rename of the whole
+directory is what makes the result atomic. The staging directory is removed on any Python exception (Ctrl-C
+included); only a process killed outright (SIGKILL, SIGTERM) can leave one behind, next to ``root``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from densevlm.config.toyworld import ToyWorldConfig
 from densevlm.toyworld.categories import categories, supercategory
 from densevlm.toyworld.render import render_image
 from densevlm.toyworld.writers import coco_files, dump_json, image_record, segment_ids, write_image_files
-from densevlm.utils.io import read_json
+from densevlm.utils.io import atomic_dir, read_json
 
 WORLD_VERSION = 1
 SPLITS = ("train", "val")
@@ -102,17 +100,6 @@ def _check_target(root: Path, overwrite: bool) -> None:
         )
 
 
-def _replace_dir(staging: Path, root: Path) -> None:
-    """Move ``staging`` onto ``root``; an existing ``root`` is moved aside first and deleted afterwards."""
-    old = None
-    if root.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
-        os.replace(root, old / root.name)
-    os.replace(staging, root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def generate_world(
     cfg: ToyWorldConfig, root: str | os.PathLike, *, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -126,56 +113,50 @@ def generate_world(
     root = Path(root).absolute()
     _check_target(root, overwrite)
     table = categories(cfg)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
     try:
-        for split in SPLITS:
-            for key in ("images", "panoptic", "semantic"):
-                split_paths(staging, split)[key].mkdir(parents=True, exist_ok=True)
-        tasks = [("train", i, i + 1) for i in range(cfg.num_train)]
-        tasks += [("val", i, cfg.num_train + i + 1) for i in range(cfg.num_val)]
-        records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-        with tqdm(total=len(tasks), desc="toyworld", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            if cfg.workers == 0:
-                _init_worker(cfg, str(staging))
-                try:
-                    for split, record in map(_work, tasks):
-                        records[split].append(record)
-                        bar.update(1)
-                finally:
-                    _STATE.clear()
-            else:
-                ctx = multiprocessing.get_context(_START_METHOD)
-                chunk = max(1, min(32, len(tasks) // (cfg.workers * 8)))
-                with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, str(staging))) as pool:
-                    for split, record in pool.imap(_work, tasks, chunksize=chunk):  # imap keeps task order
-                        records[split].append(record)
-                        bar.update(1)
-        supers = {c["name"]: supercategory(c["name"]) for c in table}
-        caption_id, instance_id = 1, 1  # annotation ids are unique across splits, like image ids
-        for split in SPLITS:
-            caps, inst, pan = coco_files(records[split], table, supers, caption_id, instance_id)
-            caption_id += len(caps["annotations"])
-            instance_id += len(inst["annotations"])
-            paths = split_paths(staging, split)
-            dump_json(caps, paths["captions"])
-            dump_json(inst, paths["instances"])
-            dump_json(pan, paths["panoptic_json"])
-        world = {
-            "version": WORLD_VERSION,
-            "config": to_dict(cfg),
-            "categories": table,
-            "splits": {"train": cfg.num_train, "val": cfg.num_val},
-        }
-        dump_json(world, staging / "world.json", indent=2)
-        _replace_dir(staging, root)
+        with atomic_dir(root) as staging:
+            for split in SPLITS:
+                for key in ("images", "panoptic", "semantic"):
+                    split_paths(staging, split)[key].mkdir(parents=True, exist_ok=True)
+            tasks = [("train", i, i + 1) for i in range(cfg.num_train)]
+            tasks += [("val", i, cfg.num_train + i + 1) for i in range(cfg.num_val)]
+            records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+            with tqdm(total=len(tasks), desc="toyworld", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+                if cfg.workers == 0:
+                    _init_worker(cfg, str(staging))
+                    try:
+                        for split, record in map(_work, tasks):
+                            records[split].append(record)
+                            bar.update(1)
+                    finally:
+                        _STATE.clear()
+                else:
+                    ctx = multiprocessing.get_context(_START_METHOD)
+                    chunk = max(1, min(32, len(tasks) // (cfg.workers * 8)))
+                    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, str(staging))) as pool:
+                        for split, record in pool.imap(_work, tasks, chunksize=chunk):  # imap keeps task order
+                            records[split].append(record)
+                            bar.update(1)
+            supers = {c["name"]: supercategory(c["name"]) for c in table}
+            caption_id, instance_id = 1, 1  # annotation ids are unique across splits, like image ids
+            for split in SPLITS:
+                caps, inst, pan = coco_files(records[split], table, supers, caption_id, instance_id)
+                caption_id += len(caps["annotations"])
+                instance_id += len(inst["annotations"])
+                paths = split_paths(staging, split)
+                dump_json(caps, paths["captions"])
+                dump_json(inst, paths["instances"])
+                dump_json(pan, paths["panoptic_json"])
+            world = {
+                "version": WORLD_VERSION,
+                "config": to_dict(cfg),
+                "categories": table,
+                "splits": {"train": cfg.num_train, "val": cfg.num_val},
+            }
+            dump_json(world, staging / "world.json", indent=2)
     except OSError as err:  # a full disk, a quota: say where, and that nothing was left behind
-        shutil.rmtree(staging, ignore_errors=True)
         raise OSError(err.errno, f"cannot write the toy world {root}: {err.strerror or err} (the staging folder "
                                  "was removed; nothing was written)") from err
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return world
 
 

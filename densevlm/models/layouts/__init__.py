@@ -33,13 +33,13 @@ from torch import nn
 from densevlm.models.checkpoints import META_MODEL_NAME, CheckpointLayoutError, LoadedCheckpoint, read_checkpoint
 from densevlm.models.layouts import eva_reference, local_dir, openai
 from densevlm.models.layouts import open_clip as open_clip_layout
-from densevlm.models.layouts.base import ExportError, Layout, atomic_dir
+from densevlm.models.layouts.base import ExportError, Layout
 
 if TYPE_CHECKING:
     from densevlm.models.dense_clip import DenseCLIP
 
 __all__ = [
-    "LAYOUTS", "READ_ORDER", "ExportError", "Layout", "atomic_dir", "convert_to_model_layout", "export_model",
+    "LAYOUTS", "READ_ORDER", "ExportError", "Layout", "convert_to_model_layout", "export_model",
     "infer_model_name", "load_checkpoint_into", "reload_spec", "verify_export", "writable_layouts",
 ]
 

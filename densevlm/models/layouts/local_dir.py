@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from densevlm.config.core import ConfigError
 from densevlm.models.checkpoints import META_LAYOUT, write_tensors
-from densevlm.models.layouts.base import Layout, atomic_dir, tensor_dict
+from densevlm.models.layouts.base import Layout, tensor_dict
 from densevlm.models.named_configs import check_open_clip_config, register_config
+from densevlm.utils.io import atomic_dir
 
 if TYPE_CHECKING:
     from densevlm.models.dense_clip import DenseCLIP
