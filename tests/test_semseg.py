@@ -52,7 +52,10 @@ class ColourOracle(Segmenter):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.calls.append(tuple(images.shape))
-        return -torch.cdist(images.permute(0, 2, 3, 1).flatten(1, 2), self.colours[None]).view(
+        # Direct distances: cdist's matmul shortcut has ~1e-6 cancellation error that depends on the batch shape
+        # (and the CPU's kernels), which would make windows and the whole image disagree for a numeric reason.
+        pixels = images.permute(0, 2, 3, 1).flatten(1, 2)
+        return -torch.cdist(pixels, self.colours[None], compute_mode="donot_use_mm_for_euclid_dist").view(
             images.shape[0], *images.shape[-2:], -1).permute(0, 3, 1, 2)
 
 
