@@ -286,6 +286,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from densevlm.demo import run_demo
 
     cfg = load_config(DemoConfig, args.config, _overrides(args))
+    if args.talk2dino:
+        from densevlm.demo_talk2dino import run_talk2dino_demo
+
+        run_talk2dino_demo(cfg, fresh=args.fresh)
+        return 0
     run_demo(cfg, fresh=args.fresh, from_scratch=args.from_scratch)
     return 0
 
@@ -363,6 +368,9 @@ def _train_args(p: argparse.ArgumentParser, default: str) -> None:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p, "the demo profile; configs/demo/quick.yaml is the quick one", example="output_dir=runs/demo2")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--talk2dino", action="store_true",
+                   help="run the Talk2DINO stage instead: train ψ on the toy captions with a frozen zoo backbone and "
+                   "compare its toy-val segmentation with dense CLIP's (timed; section talk2dino of the config)")
     p.add_argument("--from-scratch", action="store_true",
                    help="re-make the student and teacher from the zoo recipes instead of using the shipped zoo "
                    "(about 30 h on 2 CPU cores; the shipped weights are never overwritten)")

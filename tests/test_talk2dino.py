@@ -153,6 +153,23 @@ def test_clip_tower_attention_equals_multihead_attention_weights():
     assert not torch.allclose(value.tokens, feats.tokens)
 
 
+def test_eva_tower_attention_equals_its_own_attention_probabilities():
+    """EVA02 (RoPE on the patch tokens): the logits match the probabilities timm's own non-fused path computes."""
+    from densevlm.models import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("EVA02-Ti-16-golden")
+    feats = DenseCLIPPatchBackbone(model)(x := torch.randn(1, 3, 48, 32))
+    last = model.visual_blocks()[-1].attn
+    last.fused_attn = False
+    seen = []
+    handle = last.attn_drop.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    model.encode_dense(x, last_block="standard")
+    handle.remove()
+    row = seen[0][:, :, 0, 1:]
+    torch.testing.assert_close(feats.attn.softmax(-1), row / row.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
 def from_dict_spec(d):
     from densevlm.config.model import ModelSpec
 

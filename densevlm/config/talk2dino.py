@@ -132,3 +132,27 @@ class Talk2DINOSegmenterConfig:
     def validate(self) -> None:
         if self.lambda_bg < 0:
             raise ConfigError(f"talk2dino.lambda_bg: expected >= 0, got {self.lambda_bg}")
+
+
+@dataclass
+class DemoTalk2DINOConfig:
+    """``densevlm demo --talk2dino``: ψ trained on the toy captions, then toy-val segmentation beside dense CLIP.
+
+    ``backbone``: the zoo model (or run directory) whose visual tower is the frozen backbone and whose text tower
+    embeds the captions. The toy world has no DINOv2, so a contrastively pre-trained, never dense-tuned toy CLIP
+    stands in for it: toy-student, the demo's base model, so Talk2DINO and dense CLIP are compared on the very
+    backbone the main demo's "base" row scores (and it extracts 4-5x faster than toy-teacher on a CPU); a
+    DenseVLM run directory (``runs/demo/densevlm``) puts the tuned backbone under Talk2DINO.
+    ``max_images``: train images whose features are cached (null: all).
+    """
+
+    backbone: str = "toy-student"
+    last_block: Literal["standard", "value"] = "standard"
+    max_images: Optional[int] = 2000
+    temperature: float = 0.07
+    bg_clean: bool = False
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(
+        epochs=20, batch_size=128, num_workers=0, seed=123, log_every=20, eval_every=0, checkpoint_every=20,
+        cpu=True))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-3, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0))

@@ -182,4 +182,9 @@ def run_talk2dino_train(cfg: Talk2DINOTrainConfig, *, resume: bool = False, over
     result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
     result.metrics["cache_seconds"] = round(cache_seconds, 2)
     result.metrics["cache_dir"] = str(cache_dir)
+    if state.is_main_process and stop_after_epoch is None:
+        from densevlm.engine.run_dir import METRICS_FILE
+        from densevlm.utils.io import atomic_write_json
+
+        atomic_write_json(run_dir / METRICS_FILE, result.metrics)
     return result

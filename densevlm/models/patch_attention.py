@@ -291,9 +291,9 @@ class DenseCLIPPatchBackbone(PatchBackbone):
         if ctx is not None:
             from timm.layers import apply_rot_embed_cat
 
-            npt = attn.num_prefix_tokens
-            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], ctx)], dim=2).type_as(q)
-            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], ctx)], dim=2).type_as(k)
+            npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], ctx, half=half)], dim=2).type_as(q)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], ctx, half=half)], dim=2).type_as(k)
         return q, k, float(attn.scale)
 
     def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
