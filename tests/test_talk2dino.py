@@ -403,6 +403,23 @@ def test_background_cleaning_mixes_within_the_mask_range():
     torch.testing.assert_close(background_clean(mask, feats, text, 0.0), mask)
 
 
+def test_pamr_pulls_a_mask_back_inside_the_image_edge():
+    from densevlm.segmenters.talk2dino import pamr
+
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., 8:] = 1.0  # a vertical edge between columns 7 and 8
+    mask = torch.zeros(1, 2, 16, 16)
+    mask[:, 0, :, :10] = 1.0  # class 0 leaks two columns over the edge
+    mask[:, 1] = torch.linspace(0, 1, 16)  # a ramp ignoring the edge
+    out = pamr(image, mask, iterations=10, dilations=(1, 2))
+    assert out.shape == mask.shape
+    # Within a region the masks diffuse, across the edge they do not: the leak is spread over the white half
+    # (2 of 8 columns -> about 0.25), the black half keeps 1, the ramp becomes two plateaus split at the edge.
+    assert float(out[0, 0, :, 8:10].max()) < 0.3 and float(out[0, 0, :, :8].min()) > 0.99
+    assert float(out[0, 1, :, :8].max()) < 0.3 and float(out[0, 1, :, 8:].min()) > 0.7
+    torch.testing.assert_close(pamr(image, torch.ones(1, 1, 16, 16)), torch.ones(1, 1, 16, 16))
+
+
 def test_eval_semseg_with_the_talk2dino_segmenter_from_a_run_directory(world, tmp_path):
     from densevlm.engine.talk2dino import run_talk2dino_train
     from densevlm.evaluation.semseg import evaluate_semseg
@@ -414,9 +431,31 @@ def test_eval_semseg_with_the_talk2dino_segmenter_from_a_run_directory(world, tm
                            metrics_backend="densevlm")
     cfg.text.vocabulary, cfg.text.templates = str(world), "single"
     cfg.talk2dino.psi = str(run)
-    cfg.talk2dino.bg_clean = True
+    cfg.talk2dino.bg_clean = cfg.talk2dino.pamr = True
     cfg.inference.short_side, cfg.inference.mode = 56, "whole"
     result = evaluate_semseg(None, cfg, progress=False)
     assert result["model"]["segmenter"] == "Talk2DINOSegmenter" and result["counts"]["images"] == 6
     assert 0.0 <= result["metrics"]["mIoU"] <= 100.0
     assert (tmp_path / "eval" / "semseg.json").is_file()
+
+
+def test_demo_talk2dino_stage_on_the_quick_profile_and_rerun_reuses_it(tmp_path, capsys):
+    from densevlm.cli import main
+
+    out = tmp_path / "demo"
+    args = ["demo", "--talk2dino", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo" /
+                                                   "quick.yaml"),
+            "--set", f"output_dir={out}", "talk2dino.max_images=32", "talk2dino.loop.epochs=2",
+            "talk2dino.loop.batch_size=32", "semseg.max_images=8", "semseg.figures=0"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    summary = json.loads((out / "talk2dino" / "summary.json").read_text())
+    assert set(summary["semseg"]) == {"dense CLIP (toy-student)", "Talk2DINO (toy-student)"}
+    for metrics in summary["semseg"].values():
+        assert 0.0 <= metrics["mIoU"] <= 100.0 and metrics["mIoU.novel"] is not None
+    assert summary["psi"]["steps"] == 2 * (32 * 5 // 32) and summary["psi"]["cache_seconds"] > 0
+    assert "Talk2DINO vs dense CLIP" in first and "Talk2DINO demo finished" in first
+    assert main(args) == 0
+    second = capsys.readouterr().out
+    assert "Talk2DINO ψ (cache + training): reusing" in second
+    assert json.loads((out / "talk2dino" / "summary.json").read_text())["semseg"] == summary["semseg"]

@@ -122,12 +122,15 @@ class Talk2DINOSegmenterConfig:
     ``vision``: the backbone; null = the run directory's.
     ``bg_clean``: the attention-based background cleaning, mixing ``lambda_bg`` of each class's head-weighted
     attention map into its mask (the reference turns it on for VOC-21 and COCO-Object only).
+    ``pamr``: pixel-adaptive mask refinement of the upsampled masks (10 iterations, dilations 1-24, as released;
+    the released README numbers use it).
     """
 
     psi: str = ""
     vision: Optional[Talk2DINOVisionConfig] = None
     bg_clean: bool = False
     lambda_bg: float = 0.2
+    pamr: bool = False
 
     def validate(self) -> None:
         if self.lambda_bg < 0:

@@ -4,7 +4,7 @@ Per class, the CLIP text embeddings of its prompts are averaged in CLIP space (r
 space ψ was trained on), mapped by ψ and L2-normalised; every final-norm patch token is scored by cosine, the
 scores go through a sigmoid (so the constant background channel, ``bg_thresh`` 0.55 for ViT-B / 0.54 for ViT-L,
 lives in (0, 1)), optionally the attention-based background cleaning mixes in each class's head-weighted
-attention map, and the patch grid is upsampled bilinearly to the input size.
+attention map, the patch grid is upsampled bilinearly to the input size and optionally refined by PAMR.
 """
 
 from __future__ import annotations
@@ -56,6 +56,41 @@ def background_clean(mask: torch.Tensor, features: PatchFeatures, text: torch.Te
     return (mask + lam * maps) / (1.0 + lam)
 
 
+def _neighbours(x: torch.Tensor, d: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 8, H, W): the 8 neighbours at dilation ``d`` (border replicated)."""
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (d, d, d, d), mode="replicate")
+    return torch.stack([xp[..., d + dy * d:d + dy * d + h, d + dx * d:d + dx * d + w]
+                        for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx], dim=2)
+
+
+@torch.no_grad()
+def pamr(image: torch.Tensor, mask: torch.Tensor, *, iterations: int = 10,
+         dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), class_chunk: int = 30) -> torch.Tensor:
+    """Pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020), as Talk2DINO applies it.
+
+    Each pixel's affinity to its 8 neighbours at every dilation is ``-|I_n - I| / (0.1 σ)`` (σ: the colour spread of
+    that 3x3 neighbourhood), averaged over colour channels and softmax-normalised over all neighbours; the (B, C, H, W)
+    masks are then averaged over the neighbours with these weights ``iterations`` times, so they follow image edges.
+    Classes are refined ``class_chunk`` at a time (memory).
+    """
+    image = image.float()
+    diffs, stds = [], []
+    for d in dilations:
+        n = _neighbours(image, d)
+        diffs.append((n - image[:, :, None]).abs())
+        spread = torch.cat([n, image[:, :, None]], dim=2).std(dim=2, keepdim=True)
+        stds.append(spread.expand_as(n))
+    aff = (-torch.cat(diffs, 2) / (1e-8 + 0.1 * torch.cat(stds, 2))).mean(dim=1, keepdim=True).softmax(dim=2)
+    weights = aff.split(8, dim=2)  # per dilation: its 8 neighbours (kept apart, so memory is 8 maps per class)
+    out = []
+    for chunk in mask.float().split(class_chunk, dim=1):
+        for _ in range(iterations):
+            chunk = sum((_neighbours(chunk, d) * w).sum(dim=2) for d, w in zip(dilations, weights))
+        out.append(chunk)
+    return torch.cat(out, dim=1)
+
+
 class Talk2DINOSegmenter(Segmenter):
     """sigmoid(cos(patch token, ψ(class text))) per class, at the input size.
 
@@ -65,13 +100,15 @@ class Talk2DINOSegmenter(Segmenter):
         class_text: (C, T) template-averaged CLIP text embeddings (:func:`clip_space_class_embeddings`).
         class_names: the C classes.
         bg_clean, lambda_bg: the attention-based background cleaning and its weight.
+        pamr: refine the upsampled masks with :func:`pamr` on the (normalised) input image.
 
     Images whose sides are not multiples of the patch size are padded right and bottom (zeros, the mean colour
     once normalised) and the padded part of the scores is cut off.
     """
 
     def __init__(self, backbone: PatchBackbone, psi: torch.nn.Module, class_text: torch.Tensor,
-                 class_names: Sequence[str], *, bg_clean: bool = False, lambda_bg: float = 0.2) -> None:
+                 class_names: Sequence[str], *, bg_clean: bool = False, lambda_bg: float = 0.2,
+                 pamr: bool = False) -> None:
         super().__init__()
         if class_text.ndim != 2 or class_text.shape[1] != psi.in_dim:
             raise ValueError(f"class text embeddings: expected (C, {psi.in_dim}) for ψ, got {tuple(class_text.shape)}")
@@ -80,7 +117,7 @@ class Talk2DINOSegmenter(Segmenter):
                              f"{backbone.embed_dim}-dimensional tokens; was it trained for another backbone?")
         self.backbone = backbone
         self.class_names = self._check_names(class_names, class_text.shape[0])
-        self.bg_clean, self.lambda_bg = bool(bg_clean), float(lambda_bg)
+        self.bg_clean, self.lambda_bg, self.pamr = bool(bg_clean), float(lambda_bg), bool(pamr)
         device = next(backbone.parameters()).device
         with torch.no_grad():
             psi = psi.to(device).float().eval()
@@ -111,7 +148,8 @@ class Talk2DINOSegmenter(Segmenter):
             images = F.pad(images, (0, pad_w, 0, pad_h))
         mask, _ = self.scores(images)
         mask = F.interpolate(mask, size=(h + pad_h, w + pad_w), mode="bilinear", align_corners=False)
-        return mask[:, :, :h, :w]
+        mask = mask[:, :, :h, :w]
+        return pamr(images[:, :, :h, :w], mask) if self.pamr else mask
 
 
 def build_talk2dino_segmenter(cfg: Any, text_vocabulary: Any, *, text_model: Any = None,
@@ -157,4 +195,4 @@ def build_talk2dino_segmenter(cfg: Any, text_vocabulary: Any, *, text_model: Any
     templates = get_templates(cfg.text.templates, this_is_prefix=cfg.text.this_is_prefix)
     class_text = clip_space_class_embeddings(text_model, text_vocabulary, templates, batch_size=cfg.text.batch_size)
     return Talk2DINOSegmenter(backbone, psi, class_text, text_vocabulary.names, bg_clean=t.bg_clean,
-                              lambda_bg=t.lambda_bg)
+                              lambda_bg=t.lambda_bg, pamr=t.pamr)
