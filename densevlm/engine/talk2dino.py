@@ -58,6 +58,11 @@ def text_identity(model: Any) -> dict[str, Any]:
 
 def cache_identity(cfg: Talk2DINOTrainConfig, backbone: PatchBackbone, text_model: Any) -> dict[str, Any]:
     """What the cache's features depend on (see :mod:`densevlm.data.feature_cache`)."""
+    if not cfg.data.captions_json or not cfg.data.image_root:
+        from densevlm.config.core import ConfigError
+
+        raise ConfigError("data.captions_json and data.image_root: required (a COCO captions json and the folder "
+                          "its file_name entries are in); set them in the recipe or with --set")
     captions = Path(cfg.data.captions_json)
     if not captions.is_file():
         raise FileNotFoundError(f"data.captions_json: captions json not found: {captions}")
