@@ -248,12 +248,49 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=1e-6, help="max abs difference --verify accepts")
 
 
+# --------------------------------------------------------------------------- talk2dino
+def cmd_talk2dino(args: argparse.Namespace) -> int:
+    from densevlm.config.talk2dino import Talk2DINOTrainConfig
+    from densevlm.engine.talk2dino import run_talk2dino_cache, run_talk2dino_train
+
+    cfg = load_config(Talk2DINOTrainConfig, args.config, _overrides(args))
+    if args.talk2dino_task == "cache":
+        path, seconds = run_talk2dino_cache(cfg)
+        print(f"feature cache ready in {seconds:.0f}s -> {path}")
+        return 0
+    result = run_talk2dino_train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"Talk2DINO ψ trained in {result.seconds:.0f}s (cache {result.metrics['cache_seconds']:.0f}s), "
+          f"{result.global_step} steps -> {result.run_dir}")
+    return 0
+
+
+def _talk2dino_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="talk2dino_task", metavar="TASK", required=True)
+    c = sub.add_parser("cache", help="cache the frozen backbone's per-head embeddings and CLIP caption embeddings",
+                       description="Extract once, into safetensors shards with a manifest: per image the frozen "
+                       "backbone's attention-pooled embedding per head of its last block, per caption the CLIP text "
+                       "embedding. A cache of other inputs is refused, naming what differs.")
+    _add_config_args(c, "the ViT-B recipe defaults; see configs/talk2dino/", example="cache.dir=runs/t2d_cache")
+    t = sub.add_parser("train", help="train ψ (text -> patch space) from the cache (built first when missing)",
+                       description="Train ψ with best-head symmetric InfoNCE through the training loop; the run "
+                       "directory's weights.safetensors is ψ in the released layout.\n\n" + TRAINING,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _train_args(t, "the ViT-B recipe defaults; see configs/talk2dino/")
+    for q in (c, t):
+        q.set_defaults(fn=cmd_talk2dino)
+
+
 # --------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from densevlm.config.demo import DemoConfig
     from densevlm.demo import run_demo
 
     cfg = load_config(DemoConfig, args.config, _overrides(args))
+    if args.talk2dino:
+        from densevlm.demo_talk2dino import run_talk2dino_demo
+
+        run_talk2dino_demo(cfg, fresh=args.fresh)
+        return 0
     run_demo(cfg, fresh=args.fresh, from_scratch=args.from_scratch)
     return 0
 
@@ -331,6 +368,9 @@ def _train_args(p: argparse.ArgumentParser, default: str) -> None:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p, "the demo profile; configs/demo/quick.yaml is the quick one", example="output_dir=runs/demo2")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--talk2dino", action="store_true",
+                   help="run the Talk2DINO stage instead: train ψ on the toy captions with a frozen zoo backbone and "
+                   "compare its toy-val segmentation with dense CLIP's (timed; section talk2dino of the config)")
     p.add_argument("--from-scratch", action="store_true",
                    help="re-make the student and teacher from the zoo recipes instead of using the shipped zoo "
                    "(about 30 h on 2 CPU cores; the shipped weights are never overwritten)")
@@ -352,6 +392,8 @@ COMMANDS: list[Command] = [
     ("demo", "the whole pipeline on the toy world from the model zoo: CLIPSelf and DenseVLM students, region "
      "classification of base/CLIPSelf/DenseVLM/teacher, figures",
      _demo_args, cmd_demo),
+    ("talk2dino", "Talk2DINO: `densevlm talk2dino cache|train --config configs/talk2dino/...` (cache the frozen "
+     "backbone's and CLIP's features of a captions dataset, train the text-to-patch map ψ)", _talk2dino_args, None),
     ("export", "write a model in the checkpoint layout a consumer loads (SAN, CAT-Seg, F-ViT, open_clip)",
      _export_args, cmd_export),
 ]
@@ -369,7 +411,11 @@ def recipe_class(path: str | Path) -> type:
     classes: dict[str, type] = {"toyworld": ToyWorldConfig, "pretrain": PretrainConfig, "demo": DemoConfig,
                                 "train": AlignConfig, "eval": RegionEvalConfig}
     folder = Path(path).parent.name
-    if folder == "eval" and Path(path).name.startswith("semseg_"):
+    if folder == "talk2dino" and not Path(path).name.startswith("semseg_"):
+        from densevlm.config.talk2dino import Talk2DINOTrainConfig
+
+        return Talk2DINOTrainConfig
+    if folder in ("eval", "talk2dino") and Path(path).name.startswith("semseg_"):
         from densevlm.config.semseg import SemSegEvalConfig
 
         return SemSegEvalConfig

@@ -14,6 +14,7 @@ from densevlm.config.align import AlignConfig, DenseVLMParams, RegionDataConfig
 from densevlm.config.evaluation import RegionTextConfig
 from densevlm.config.model import ModelSpec
 from densevlm.config.semseg import SemSegInferenceConfig
+from densevlm.config.talk2dino import DemoTalk2DINOConfig
 from densevlm.config.toyworld import ToyWorldConfig
 from densevlm.config.train import LoopConfig, OptimConfig
 from densevlm.config.vocab import TextEmbeddingConfig
@@ -97,4 +98,5 @@ class DemoConfig:
     eval: DemoEvalConfig = field(default_factory=DemoEvalConfig)
     semseg: DemoSemSegConfig = field(default_factory=DemoSemSegConfig)
     zoo_build: ZooBuildConfig = field(default_factory=ZooBuildConfig)
+    talk2dino: DemoTalk2DINOConfig = field(default_factory=DemoTalk2DINOConfig)  # `densevlm demo --talk2dino`
     grid_images: int = 8  # images in the toy-world contact sheet

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 from densevlm.config.core import ConfigError
 from densevlm.config.model import ModelSpec
+from densevlm.config.talk2dino import Talk2DINOSegmenterConfig
 from densevlm.config.vocab import TextEmbeddingConfig
 
 IGNORE_LABEL = 255
@@ -136,7 +137,9 @@ class SemSegEvalConfig:
     """``densevlm eval semseg``: per-pixel open-vocabulary segmentation, mIoU and friends.
 
     ``segmenter``: "dense_clip" classifies every patch of the model's dense map (value path, see
-    ``model.dense_last_block``) against the class text embeddings.
+    ``model.dense_last_block``) against the class text embeddings; "talk2dino" scores a frozen backbone's patch
+    tokens against ψ(class text) (``talk2dino`` section; ``model`` is then the CLIP text model, empty = the one
+    recorded in the ψ run directory).
     ``text.vocabulary``: the dataset's classes in label order (label value i is class i).
     ``metrics_backend``: "auto" also runs detectron2's ``SemSegEvaluator`` when detectron2 is importable and
     reports its numbers (ours are kept and must agree); "densevlm" uses our confusion matrix only; "detectron2"
@@ -148,7 +151,8 @@ class SemSegEvalConfig:
 
     output_dir: str = "runs/eval_semseg"
     model: ModelSpec = field(default_factory=ModelSpec)
-    segmenter: Literal["dense_clip"] = "dense_clip"
+    segmenter: Literal["dense_clip", "talk2dino"] = "dense_clip"
+    talk2dino: Talk2DINOSegmenterConfig = field(default_factory=Talk2DINOSegmenterConfig)
     data: SemSegDataConfig = field(default_factory=SemSegDataConfig)
     text: TextEmbeddingConfig = field(default_factory=lambda: TextEmbeddingConfig(vocabulary="ade20k_150"))
     inference: SemSegInferenceConfig = field(default_factory=SemSegInferenceConfig)

@@ -304,6 +304,12 @@ def evaluate_semseg(model: Any, cfg: SemSegEvalConfig, *, progress: bool = True,
     rank, world = _distributed()
     main = rank == 0
     vocabulary, text_vocabulary, bg_index = semseg_vocabularies(cfg)
+    if segmenter is None and cfg.segmenter == "talk2dino":
+        from densevlm.segmenters.talk2dino import build_talk2dino_segmenter
+
+        device = state.device if (state is not None and cfg.device == "auto") else resolve_device(cfg.device)
+        segmenter = build_talk2dino_segmenter(cfg, text_vocabulary, text_model=model, device=device,
+                                              progress=progress and main)
     if segmenter is None:
         if model is None:
             from densevlm.models import create_backbone
