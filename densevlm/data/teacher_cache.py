@@ -253,7 +253,7 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
     seconds = time.time() - t0
     shard_files = sorted(root.glob("shard-*.safetensors"))
     total_bytes = sum(p.stat().st_size for p in shard_files)
-    return {"cache": str(root), "images": len(keys), "shards": n_shards, "shards_written_here": written,
+    return {"cache": str(root), "process": f"{rank + 1}/{world}", "images": len(keys), "shards": n_shards, "shards_written_here": written,
             "shards_kept_here": kept, "images_written_here": n_images, "seconds_here": round(seconds, 1),
             "bytes_on_disk": total_bytes, "bytes_per_image": round(total_bytes / max(1, len(keys))),
             "cells_per_image": meta["cells_per_image"], "dtype": meta["dtype"]}
