@@ -25,6 +25,7 @@ the fp32 one (a CPU without native bf16, e.g. AVX2 only) is reported as skipped 
     python tools/bench_train.py --setup real --variants fp32 fp32-cache e2e --threads 2
     python tools/bench_train.py --setup real --variants fp32-cache --profile 15   # top ops by self CPU time
     python tools/bench_train.py --setup real --variants fp32-cache --image-size 768 --classes 1203
+    python tools/bench_train.py --setup real --variants fp32 fp32-cache --interleave 3 --steps 1   # A/B medians
 """
 
 from __future__ import annotations
@@ -244,17 +245,7 @@ class Bench:
         objective = self.objective(student, cached, precision)
         step_model = StepModule(student).train()
         optimizer = build_optimizer(student, OptimConfig(lr=1e-5))
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-        def step(batch: dict[str, Any], counter: Optional[FlopCounterMode] = None) -> None:
-            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            # The student's forward under autocast, as accelerate's prepared model runs it.
-            fwd = lambda fn, *a: _autocast_call(autocast, step_model, fn, *a)  # noqa: E731
-            out = objective(fwd, batch)
-            out.loss.backward()
-            if counter is None:  # the counted step stops before the update (its FLOPs are not the model's)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step = make_step(objective, step_model, optimizer, precision, self.device)
 
         reset_peak_rss()
         if self.device.type == "cuda":
@@ -262,7 +253,7 @@ class Bench:
         # The first step is the warm-up (allocations, caches, worker start-up) and is the one whose FLOPs are counted.
         t_first = time.perf_counter()
         with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
-            step(next(batches), counter)
+            step(next(batches), update=False)
         first_s = time.perf_counter() - t_first
         flops = counter.get_total_flops()
         attention = sum(v for k, v in counter.get_flop_counts().get("Global", {}).items()
@@ -338,9 +329,63 @@ class Bench:
         return iter(loader), extra
 
 
-def _autocast_call(autocast: Any, step_model: torch.nn.Module, fn: Callable, *args: Any) -> Any:
-    with autocast:
-        return step_model(fn, *args)
+    def interleaved(self, variants: list[str], rounds: int, steps: int) -> dict[str, Any]:
+        """Step-only variants timed in alternation (A B A B ...) in one process on one student, so that machine
+        noise hits each alike; medians over ``rounds``. The first variant is the reference of ``speedup``."""
+        student = self.student()
+        step_model = StepModule(student).train()
+        optimizer = build_optimizer(student, OptimConfig(lr=1e-5))
+        steps_of, flops = {}, {}
+        for v in variants:
+            precision, cached = v.split("-")[0], v.endswith("-cache")
+            objective = self.objective(student, cached, precision)
+            batch = make_batch(self.s["batch"], self.s["image_size"], self.teacher_dim() if cached else None)
+            fn = make_step(objective, step_model, optimizer, precision, self.device)
+            steps_of[v] = (fn, batch)
+            with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
+                fn(batch, update=False)  # warm-up, counted
+            flops[v] = counter.get_total_flops()
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(rounds):
+            for v in variants:
+                fn, batch = steps_of[v]
+                sync(self.device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn(batch)
+                sync(self.device)
+                samples[v].append((time.perf_counter() - t0) / steps)
+        out = {}
+        for v in variants:
+            med = sorted(samples[v])[len(samples[v]) // 2]
+            peak = self.peak(v.split("-")[0])
+            out[v] = {"step_seconds_median": round(med, 4), "step_seconds": [round(x, 3) for x in samples[v]],
+                      "images_per_second": round(self.s["batch"] / med, 4), "model_flops_per_step": int(flops[v]),
+                      "mfu": round(flops[v] / med / peak["flops_per_second"], 4),
+                      "speedup": round(sorted(samples[variants[0]])[rounds // 2] / med, 3)}
+        return {"interleaved": variants, "rounds": rounds, "steps_per_round": steps, "setup": self.name,
+                "image_size": self.s["image_size"], "batch": self.s["batch"], "results": out}
+
+
+def make_step(objective: DenseVLMObjective, step_model: torch.nn.Module, optimizer: Any, precision: str,
+              device: torch.device) -> Callable[..., None]:
+    """One training step: objective (student forward under autocast, as accelerate's prepared model runs it),
+    backward, optimiser update (skipped with ``update=False``: a counted step's FLOPs are the model's only)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def forward(fn: Callable, *args: Any) -> Any:
+        with autocast:
+            return step_model(fn, *args)
+
+    def step(batch: dict[str, Any], update: bool = True) -> None:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = objective(forward, batch)
+        out.loss.backward()
+        if update:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main() -> None:
@@ -357,12 +402,20 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="report the top N ops of the timed steps")
     parser.add_argument("--force-low-precision", action="store_true",
                         help="time bf16 variants even where bf16 matmuls are slower than fp32")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="time the step-only --variants in alternation for ROUNDS rounds (medians, speedups)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = ["toy", "real"] if args.setup == "all" else [args.setup]
     results = []
+    if args.interleave:
+        for name in names:
+            bench = Bench(name, device, args.image_size, args.classes)
+            results.append(bench.interleaved([v for v in args.variants if v != "e2e"], args.interleave, args.steps))
+            results[-1]["matmul_peaks"] = bench.peaks
+        names = []
     for name in names:
         bench = Bench(name, device, args.image_size, args.classes)
         bench.force_low_precision = args.force_low_precision
