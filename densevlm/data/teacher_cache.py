@@ -308,8 +308,9 @@ class TeacherCache:
 
     def _slice(self, shard: int) -> Any:
         if shard not in self._handles:
-            self._handles[shard] = safe_open(self.shards[shard], framework="pt").get_slice(FEATURES)
-        return self._handles[shard]
+            handle = safe_open(self.shards[shard], framework="pt")
+            self._handles[shard] = (handle, handle.get_slice(FEATURES))  # the slice reads through the open file
+        return self._handles[shard][1]
 
     def lookup(self, index: int, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(cells), D) features of image ``index``'s cells (zero rows where ``cells`` is -1) and whether the
