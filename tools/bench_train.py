@@ -36,6 +36,7 @@ import json
 import platform
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -292,8 +293,10 @@ class Bench:
             result["profile_top_self_cpu"] = [
                 {"op": e.key, "self_cpu_fraction": round(e.self_cpu_time_total / total, 4), "calls": e.count // steps}
                 for e in top]
-        del student, objective, optimizer, step_model
+        del student, objective, optimizer, step_model, batches
         gc.collect()
+        if "e2e" in extra:  # the generated JPEGs and their cache
+            shutil.rmtree(extra["e2e"].pop("folder"), ignore_errors=True)
         return result
 
     def e2e_batches(self, n_batches: int, workers: int, n_images: int) -> tuple[Any, dict[str, Any]]:
@@ -325,7 +328,7 @@ class Bench:
                          "cache_bytes_per_image": summary["bytes_per_image"],
                          "cache_cells_per_image": summary["cells_per_image"],
                          "cache_build_images_per_second": round(n_images / build_s, 4),
-                         "cache_folder": str(tmp)}}
+                         "folder": str(tmp)}}
         return iter(loader), extra
 
 
