@@ -118,6 +118,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cache-teacher
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    import json
+
+    from densevlm.config.align import AlignConfig
+    from densevlm.engine.teacher_cache import run_cache_teacher
+
+    cfg = load_config(AlignConfig, args.config, _overrides(args))
+    summary = run_cache_teacher(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 # --------------------------------------------------------------------------- embed-text
 def cmd_embed_text(args: argparse.Namespace) -> int:
     from densevlm.models import create_backbone
@@ -386,6 +399,11 @@ COMMANDS: list[Command] = [
      lambda p: _train_args(p, "the dataclass defaults; see configs/train/"), cmd_train),
     ("eval", "evaluate a model: `densevlm eval regions|semseg --config configs/eval/...` (region classification, "
      "semantic segmentation)", _eval_args, None),
+    ("cache-teacher", "precompute a DenseVLM recipe's teacher region features for every grid cell of every training "
+     "image into teacher_cache (resumable; several processes with `accelerate launch -m densevlm.cli "
+     "cache-teacher ...`); `train --set teacher_cache=DIR` then never runs the teacher",
+     lambda p: _add_config_args(p, "the dataclass defaults; give a configs/train/ recipe",
+                                example="teacher_cache=cache/teacher"), cmd_cache_teacher),
     ("embed-text", "build class text embeddings for a vocabulary and template set (cached, unit norm)",
      _embed_text_args, cmd_embed_text),
     ("zoo", "the model zoo: `densevlm zoo list`, `densevlm zoo build`", _zoo_args, None),

@@ -1,34 +1,57 @@
-"""Benchmark one DenseVLM training step: step time, images/s, peak memory, model FLOP/s, matmul peak and MFU.
+"""Benchmark DenseVLM training steps: step time, images/s, peak memory, model FLOPs, matmul peak and MFU.
 
 Prints JSON. Two setups:
 * ``toy``: the toy-world recipe (tiny CLIP student and teacher at the demo's dense resolution);
 * ``real``: the paper's models with random weights, EVA02-B-16 student + EVA02-L-14-336 teacher, 512 px, batch 2.
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one full step (teacher forward, student
-forward and backward); the optimiser update is timed but not counted. The matmul peak is measured on this machine
-with large float32 (CPU) or bf16 (CUDA) matrix products; MFU = achieved model FLOP/s / that peak.
+Variants (``--variants``):
+* ``fp32``, ``bf16``: one step with the online teacher, in full precision or under bf16 autocast (student and
+  teacher; the logits and the loss stay fp32);
+* ``fp32-cache``, ``bf16-cache``: the teacher's region features come from the teacher-target cache (the teacher is
+  not built; the batch carries fp16 cell features, as the cache's data loader delivers them);
+* ``e2e``: end to end with the data loader: COCO-like 640x480 JPEGs are generated, their teacher cache is built
+  with the real teacher (cache size per image and build speed are reported), and steps are timed through a
+  DataLoader with ``--workers`` workers reading JPEGs and cache shards, in the precision of ``--e2e-precision``.
 
-    python tools/bench_train.py                 # both setups
-    python tools/bench_train.py --setup toy --threads 2 --steps 5
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over the first (warm-up) step: teacher forward,
+student forward and backward; the optimiser update is timed but not counted. The CPU flash-attention kernel that
+``scaled_dot_product_attention`` runs has no formula in torch, so one is registered here (the same count torch uses
+for the CUDA kernels). The matmul peak of each dtype is the best of several large products on this machine; MFU =
+achieved model FLOP/s / the peak of the variant's dtype. A low-precision variant whose matmul peak is below half
+the fp32 one (a CPU without native bf16, e.g. AVX2 only) is reported as skipped with both peaks, unless
+``--force-low-precision``: there it would only be slower.
+
+    python tools/bench_train.py                                   # toy and real, all variants
+    python tools/bench_train.py --setup real --variants fp32 fp32-cache e2e --threads 2
+    python tools/bench_train.py --setup real --variants fp32-cache --profile 15   # top ops by self CPU time
+    python tools/bench_train.py --setup real --variants fp32-cache --image-size 768 --classes 1203
+    python tools/bench_train.py --setup real --variants fp32 fp32-cache --interleave 3 --steps 1   # A/B medians
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
 import resource
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.flop_counter as flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from densevlm.config.model import ModelSpec
-from densevlm.data.grid_boxes import grid_boxes, grid_choices
-from densevlm.engine.optim import build_optimizer
 from densevlm.config.train import OptimConfig
+from densevlm.data.grid_boxes import cell_offsets, grid_boxes_with_cells, grid_choices
+from densevlm.engine.optim import build_optimizer
 from densevlm.engine.step_module import StepModule
 from densevlm.methods.densevlm import DenseVLMObjective
 from densevlm.models import create_backbone, freeze_for_dense_tuning
@@ -39,20 +62,51 @@ SETUPS = {
     "real": {"student": "EVA02-B-16", "teacher": "EVA02-L-14-336", "image_size": 512, "batch": 2,
              "classes": 316, "things": 204},
 }
+VARIANTS = ("fp32", "bf16", "fp32-cache", "bf16-cache", "e2e")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_peak(device: torch.device, n: int = 2048, iters: int = 10) -> float:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
+# ------------------------------------------------------------------------------------------------- FLOPs, peak
+def _cpu_flash_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def attention_flop_formulas() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas for the CPU flash-attention ops (torch counts only the CUDA ones)."""
+    aten = torch.ops.aten
+    out = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        out[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_fwd
+        out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_bwd
+    return out
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072, 4096),
+                reps: int = 3, max_seconds: float = 2.0) -> dict[str, Any]:
+    """Best FLOP/s over ``reps`` products at each size; larger sizes are skipped once one product takes longer
+    than ``max_seconds`` (slow dtypes)."""
+    best, best_n = 0.0, 0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        t0 = time.perf_counter()
+        a @ b  # warm-up
+        sync(device)
+        slow = time.perf_counter() - t0 > max_seconds
+        for _ in range(1 if slow else reps):
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            rate = 2 * n**3 / (time.perf_counter() - t0)
+            if rate > best:
+                best, best_n = rate, n
+        if slow:
+            break
+    return {"flops_per_second": round(best), "best_size": best_n}
 
 
 def sync(device: torch.device) -> None:
@@ -60,76 +114,321 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_batch(batch: int, size: int, max_boxes: int = 36) -> dict[str, torch.Tensor]:
+# ------------------------------------------------------------------------------------------------- memory
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux: VmHWM) so each variant reports its own; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------------------------- batches
+def make_batch(batch: int, size: int, teacher_dim: Optional[int], max_boxes: int = 36) -> dict[str, torch.Tensor]:
+    """Square images with the recipe's grid boxes; with ``teacher_dim`` also cached-looking fp16 cell features."""
     rng = random.Random(0)
-    boxes, valid = [], []
+    choices = grid_choices(6)
+    boxes, valid, cells = [], [], []
     for _ in range(batch):
-        b, v, _ = grid_boxes(size, size, 1.0, size, rng, grid_choices(6), max_boxes)
+        b, v, _, c = grid_boxes_with_cells(size, size, 1.0, size, rng, choices, max_boxes)
         boxes.append(b)
         valid.append(v)
-    return {"image": torch.randn(batch, 3, size, size), "boxes": torch.stack(boxes), "valid": torch.stack(valid)}
+        cells.append(c)
+    out = {"image": torch.randn(batch, 3, size, size), "boxes": torch.stack(boxes), "valid": torch.stack(valid),
+           "cells": torch.stack(cells)}
+    if teacher_dim is not None:
+        g = torch.Generator().manual_seed(1)
+        table = F.normalize(torch.randn(batch, cell_offsets(choices)[-1], teacher_dim, generator=g), dim=-1).half()
+        feats = torch.stack([t[c.clamp(min=0)] * (c >= 0)[:, None] for t, c in zip(table, out["cells"])])
+        out["teacher_features"], out["cached"] = feats, torch.ones(batch, dtype=torch.bool)
+    return out
 
 
-def bench(name: str, steps: int, device: torch.device) -> dict:
-    s = SETUPS[name]
-    student = create_backbone(ModelSpec(name=s["student"])).to(device)
-    teacher = create_backbone(ModelSpec(name=s["teacher"])).to(device)
-    freeze_for_dense_tuning(student, len(student.visual_blocks()))
-    g = torch.Generator().manual_seed(0)
-    # Random unit class embeddings stand in for encoded prompts: the text towers are frozen and outside the step.
-    t_text = F.normalize(torch.randn(s["classes"], teacher.embed_dim, generator=g), dim=-1)
-    s_text = F.normalize(torch.randn(s["classes"], student.embed_dim, generator=g), dim=-1)
-    thing = torch.arange(s["classes"]) < s["things"]
-    objective = DenseVLMObjective(teacher, t_text, s_text, thing, threshold=0.0)
-    objective.prepare(device)
-    step_model = StepModule(student).train()
-    optimizer = build_optimizer(student, OptimConfig(lr=1e-5))
-    batch = {k: v.to(device) for k, v in make_batch(s["batch"], s["image_size"]).items()}
+def write_jpegs(folder: Path, n: int, seed: int = 0) -> None:
+    """COCO-like 640x480 JPEGs (smooth colour fields with noise, quality 90: realistic decode cost and size)."""
+    import numpy as np
+    from PIL import Image
 
-    def step() -> None:
-        out = objective(step_model, batch)
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        low = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(low).resize((640, 480), Image.BICUBIC), dtype=np.int16)
+        noise = rng.integers(-20, 20, (480, 640, 3))
+        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(folder / f"{i:012d}.jpg", quality=90)
+
+
+# ------------------------------------------------------------------------------------------------- one variant
+class Bench:
+    """Builds each model once per process and times variants one after the other."""
+
+    def __init__(self, setup: str, device: torch.device, image_size: Optional[int], classes: Optional[int]) -> None:
+        self.s = dict(SETUPS[setup])
+        self.s["image_size"] = image_size or self.s["image_size"]
+        if classes:
+            self.s["classes"], self.s["things"] = classes, max(1, round(classes * self.s["things"] / self.s["classes"]))
+        self.name, self.device = setup, device
+        self._teacher = None
+        self.peaks: dict[str, dict[str, Any]] = {}
+
+    def teacher(self) -> torch.nn.Module:
+        if self._teacher is None:
+            self._teacher = create_backbone(ModelSpec(name=self.s["teacher"])).to(self.device)
+        return self._teacher
+
+    def drop_teacher(self) -> None:
+        self._teacher = None
+        gc.collect()
+
+    def peak(self, precision: str) -> dict[str, Any]:
+        if precision not in self.peaks:
+            self.peaks[precision] = matmul_peak(self.device, DTYPES[precision])
+        return self.peaks[precision]
+
+    def objective(self, student: torch.nn.Module, cached: bool, precision: str) -> DenseVLMObjective:
+        g = torch.Generator().manual_seed(0)
+        t_dim = self.teacher_dim()
+        # Random unit class embeddings stand in for encoded prompts: the text towers are frozen and outside the step.
+        t_text = F.normalize(torch.randn(self.s["classes"], t_dim, generator=g), dim=-1)
+        s_text = F.normalize(torch.randn(self.s["classes"], student.embed_dim, generator=g), dim=-1)
+        thing = torch.arange(self.s["classes"]) < self.s["things"]
+        obj = DenseVLMObjective(None if cached else self.teacher(), t_text, s_text, thing, threshold=0.0,
+                                teacher_autocast=torch.bfloat16 if precision == "bf16" else None)
+        obj.prepare(self.device)
+        return obj
+
+    def teacher_dim(self) -> int:
+        import open_clip
+
+        from densevlm.models import register_model_configs
+        from densevlm.models.factory import resolve_model_name
+
+        register_model_configs()
+        return int(open_clip.get_model_config(resolve_model_name(self.s["teacher"]))["embed_dim"])
+
+    def student(self) -> torch.nn.Module:
+        student = create_backbone(ModelSpec(name=self.s["student"])).to(self.device)
+        freeze_for_dense_tuning(student, len(student.visual_blocks()))
+        return student
+
+    def run(self, variant: str, steps: int, profile: int = 0, workers: int = 2, e2e_precision: str = "fp32",
+            e2e_images: int = 0) -> dict[str, Any]:
+        precision = e2e_precision if variant == "e2e" else variant.split("-")[0]
+        cached = variant == "e2e" or variant.endswith("-cache")
+        peak = self.peak(precision)
+        if precision != "fp32" and peak["flops_per_second"] < 0.5 * self.peak("fp32")["flops_per_second"]:
+            if not self.force_low_precision:
+                return {"variant": variant, "skipped": f"{precision} matmul peak {peak['flops_per_second'] / 1e9:.2f} "
+                        f"GFLOP/s is below half the fp32 peak {self.peak('fp32')['flops_per_second'] / 1e9:.1f} "
+                        "GFLOP/s on this device (no native bf16): it would only be slower",
+                        "matmul_peak": peak}
+        extra: dict[str, Any] = {}
+        if variant == "e2e":
+            batches, extra = self.e2e_batches(steps + 1, workers, e2e_images)
+        else:
+            if cached:
+                self.drop_teacher()
+            batch = {k: v.to(self.device) for k, v in
+                     make_batch(self.s["batch"], self.s["image_size"], self.teacher_dim() if cached else None).items()}
+            batches = iter([batch] * (steps + 1))
+        student = self.student()
+        objective = self.objective(student, cached, precision)
+        step_model = StepModule(student).train()
+        optimizer = build_optimizer(student, OptimConfig(lr=1e-5))
+        step = make_step(objective, step_model, optimizer, precision, self.device)
+
+        reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        # The first step is the warm-up (allocations, caches, worker start-up) and is the one whose FLOPs are counted.
+        t_first = time.perf_counter()
+        with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
+            step(next(batches), update=False)
+        first_s = time.perf_counter() - t_first
+        flops = counter.get_total_flops()
+        attention = sum(v for k, v in counter.get_flop_counts().get("Global", {}).items()
+                        if "attention" in str(k))
+        prof = None
+        sync(self.device)
+        t0 = time.perf_counter()
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step(next(batches))
+        else:
+            for _ in range(steps):
+                step(next(batches))
+        sync(self.device)
+        step_s = (time.perf_counter() - t0) / steps
+        mem = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else peak_rss()
+        result = {
+            "variant": variant, "precision": precision, "teacher": "cache" if cached else "online",
+            "setup": self.name, "student": self.s["student"], "teacher_model": self.s["teacher"],
+            "image_size": self.s["image_size"], "batch": self.s["batch"], "classes": self.s["classes"],
+            "steps_timed": steps, "first_step_seconds": round(first_s, 3), "step_seconds": round(step_s, 4),
+            "images_per_second": round(self.s["batch"] / step_s, 4), "peak_memory_bytes": int(mem),
+            "peak_memory_kind": "cuda max_memory_allocated" if self.device.type == "cuda" else "process peak RSS "
+                                "(VmHWM, reset before the variant)",
+            "model_flops_per_step": int(flops), "attention_flops_per_step": int(attention),
+            "achieved_flops_per_second": round(flops / step_s), "matmul_peak": peak,
+            "mfu": round(flops / step_s / peak["flops_per_second"], 4), **extra,
+        }
+        if prof is not None:
+            table = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in table) or 1
+            top = sorted(table, key=lambda e: -e.self_cpu_time_total)[:profile]
+            result["profile_top_self_cpu"] = [
+                {"op": e.key, "self_cpu_fraction": round(e.self_cpu_time_total / total, 4), "calls": e.count // steps}
+                for e in top]
+        del student, objective, optimizer, step_model, batches
+        gc.collect()
+        if "e2e" in extra:  # the generated JPEGs and their cache
+            shutil.rmtree(extra["e2e"].pop("folder"), ignore_errors=True)
+        return result
+
+    def e2e_batches(self, n_batches: int, workers: int, n_images: int) -> tuple[Any, dict[str, Any]]:
+        """A DataLoader over generated JPEGs with their teacher cache (built here with the real teacher)."""
+        from densevlm.data.regions import GridRegionDataset
+        from densevlm.data.sources import ImageSource, ImageSourceConfig
+        from densevlm.data.teacher_cache import TeacherCache, build_teacher_cache, cache_metadata, image_keys
+        from densevlm.engine.trainer import EpochSampler
+        from densevlm.data.transforms import CLIP_MEAN, CLIP_STD
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+        n_images = max(n_images, n_batches * self.s["batch"])
+        write_jpegs(tmp / "images", n_images)
+        source = ImageSource(ImageSourceConfig(kind="folder", path=str(tmp / "images")))
+        teacher = self.teacher()
+        meta = cache_metadata(teacher_name=teacher.name, teacher_weights=teacher.weights_id,
+                              dense_last_block=teacher.dense_last_block, image_size=self.s["image_size"],
+                              grid_style="densevlm", max_split=6, mean=CLIP_MEAN, std=CLIP_STD)
+        t0 = time.perf_counter()
+        summary = build_teacher_cache(teacher, source, tmp / "cache", meta, batch_size=self.s["batch"],
+                                      progress=False)
+        build_s = time.perf_counter() - t0
+        self.drop_teacher()
+        cache = TeacherCache(tmp / "cache", meta, image_keys(source))
+        ds = GridRegionDataset(source, self.s["image_size"], max_boxes=36, teacher_cache=cache)
+        loader = torch.utils.data.DataLoader(ds, batch_size=self.s["batch"], sampler=EpochSampler(len(ds), 0),
+                                             drop_last=True, num_workers=workers)
+        extra = {"e2e": {"images": n_images, "jpeg_size": [640, 480], "workers": workers,
+                         "cache_bytes_per_image": summary["bytes_per_image"],
+                         "cache_cells_per_image": summary["cells_per_image"],
+                         "cache_build_images_per_second": round(n_images / build_s, 4),
+                         "folder": str(tmp)}}
+        return iter(loader), extra
+
+
+    def interleaved(self, variants: list[str], rounds: int, steps: int) -> dict[str, Any]:
+        """Step-only variants timed in alternation (A B A B ...) in one process on one student, so that machine
+        noise hits each alike; medians over ``rounds``. The first variant is the reference of ``speedup``."""
+        student = self.student()
+        step_model = StepModule(student).train()
+        optimizer = build_optimizer(student, OptimConfig(lr=1e-5))
+        steps_of, flops = {}, {}
+        for v in variants:
+            precision, cached = v.split("-")[0], v.endswith("-cache")
+            objective = self.objective(student, cached, precision)
+            batch = make_batch(self.s["batch"], self.s["image_size"], self.teacher_dim() if cached else None)
+            fn = make_step(objective, step_model, optimizer, precision, self.device)
+            steps_of[v] = (fn, batch)
+            with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
+                fn(batch, update=False)  # warm-up, counted
+            flops[v] = counter.get_total_flops()
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(rounds):
+            for v in variants:
+                fn, batch = steps_of[v]
+                sync(self.device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn(batch)
+                sync(self.device)
+                samples[v].append((time.perf_counter() - t0) / steps)
+        out = {}
+        for v in variants:
+            med = sorted(samples[v])[len(samples[v]) // 2]
+            peak = self.peak(v.split("-")[0])
+            out[v] = {"step_seconds_median": round(med, 4), "step_seconds": [round(x, 3) for x in samples[v]],
+                      "images_per_second": round(self.s["batch"] / med, 4), "model_flops_per_step": int(flops[v]),
+                      "mfu": round(flops[v] / med / peak["flops_per_second"], 4),
+                      "speedup": round(sorted(samples[variants[0]])[rounds // 2] / med, 3)}
+        return {"interleaved": variants, "rounds": rounds, "steps_per_round": steps, "setup": self.name,
+                "image_size": self.s["image_size"], "batch": self.s["batch"], "results": out}
+
+
+def make_step(objective: DenseVLMObjective, step_model: torch.nn.Module, optimizer: Any, precision: str,
+              device: torch.device) -> Callable[..., None]:
+    """One training step: objective (student forward under autocast, as accelerate's prepared model runs it),
+    backward, optimiser update (skipped with ``update=False``: a counted step's FLOPs are the model's only)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def forward(fn: Callable, *args: Any) -> Any:
+        with autocast:
+            return step_model(fn, *args)
+
+    def step(batch: dict[str, Any], update: bool = True) -> None:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = objective(forward, batch)
         out.loss.backward()
-        optimizer.step()
+        if update:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocations, caches)
-    with FlopCounterMode(display=False) as counter:
-        out = objective(step_model, batch)
-        out.loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    step_s = (time.perf_counter() - t0) / steps
-    peak_mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    peak = matmul_peak(device)
-    return {
-        "setup": name, "student": s["student"], "teacher": s["teacher"], "image_size": s["image_size"],
-        "batch": s["batch"], "steps_timed": steps, "step_seconds": round(step_s, 4),
-        "images_per_second": round(s["batch"] / step_s, 2), "peak_memory_bytes": int(peak_mem),
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
-        "model_flops_per_step": int(flops), "achieved_flops_per_second": round(flops / step_s),
-        "matmul_peak_flops_per_second": round(peak), "mfu": round(flops / step_s / peak, 4),
-    }
+    return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setup", choices=["toy", "real", "all"], default="all")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one counted warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="data-loader workers of the e2e variant")
+    parser.add_argument("--e2e-precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--e2e-images", type=int, default=0, help="generated JPEGs (default: enough for the steps)")
+    parser.add_argument("--image-size", type=int, default=None, help="override the setup's image size")
+    parser.add_argument("--classes", type=int, default=None, help="override the vocabulary size (random embeddings)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="report the top N ops of the timed steps")
+    parser.add_argument("--force-low-precision", action="store_true",
+                        help="time bf16 variants even where bf16 matmuls are slower than fp32")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="time the step-only --variants in alternation for ROUNDS rounds (medians, speedups)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = ["toy", "real"] if args.setup == "all" else [args.setup]
-    results = [bench(n, args.steps if n == "toy" else max(1, min(args.steps, 2)), device) for n in names]
+    results = []
+    if args.interleave:
+        for name in names:
+            bench = Bench(name, device, args.image_size, args.classes)
+            results.append(bench.interleaved([v for v in args.variants if v != "e2e"], args.interleave, args.steps))
+            results[-1]["matmul_peaks"] = bench.peaks
+        names = []
+    for name in names:
+        bench = Bench(name, device, args.image_size, args.classes)
+        bench.force_low_precision = args.force_low_precision
+        # Online variants first, then e2e (its cache build is the teacher's last use), then the cached ones: the
+        # teacher is built once and dropped before the variants that must run without it.
+        order = sorted(args.variants, key=lambda v: 2 if v.endswith("-cache") else int(v == "e2e"))
+        for v in order:
+            results.append(bench.run(v, args.steps, args.profile, args.workers, args.e2e_precision, args.e2e_images))
+            print(json.dumps(results[-1]), flush=True, file=sys.stderr)
+        results.append({"setup": name, "matmul_peaks": bench.peaks})
     print(json.dumps({"device": str(device), "threads": args.threads, "torch": torch.__version__,
                       "machine": platform.machine(), "results": results}, indent=2))
 

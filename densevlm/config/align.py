@@ -67,6 +67,11 @@ class AlignConfig:
     densevlm: DenseVLMParams = field(default_factory=DenseVLMParams)
     unlocked_blocks: int = -1  # trailing vision blocks trained; -1 = all
     ensemble_alpha: Optional[float] = 0.9  # saved weights = alpha * student + (1 - alpha) * initial
+    # DenseVLM: a teacher-target cache folder (`densevlm cache-teacher` writes it). Training then reads the teacher's
+    # region features from it and never loads the teacher. Images missing from it are an error, or with
+    # teacher_cache_missing=online the teacher runs for them (counted in the metrics as teacher_online_images).
+    teacher_cache: Optional[str] = None
+    teacher_cache_missing: Literal["error", "online"] = "error"
     data: RegionDataConfig = field(default_factory=RegionDataConfig)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -77,3 +82,5 @@ class AlignConfig:
             raise ValueError(f"ensemble_alpha must be in [0, 1] or null, got {self.ensemble_alpha}")
         if self.method == "densevlm" and self.teacher is None:
             raise ValueError("method 'densevlm' needs a teacher (teacher.name and teacher.pretrained)")
+        if self.teacher_cache is not None and self.method != "densevlm":
+            raise ValueError(f"teacher_cache: only method 'densevlm' reads a teacher cache, not {self.method!r}")

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from densevlm.data.captions import item_rng
-from densevlm.data.grid_boxes import grid_boxes, grid_choices
+from densevlm.data.grid_boxes import grid_boxes_with_cells, grid_choices
 from densevlm.data.images import ImageReadError
 from densevlm.data.sources import ImageSource
 from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_pad, to_tensor
@@ -20,15 +20,20 @@ log = logging.getLogger(__name__)
 class GridRegionDataset(Dataset):
     """Image (resize-longest, zero-padded to ``image_size``) with up to ``max_boxes`` random grid boxes.
 
-    Items: ``image`` (3, S, S), ``boxes`` (max_boxes, 4) normalised on the canvas, ``valid`` (max_boxes,) and,
-    only when ``crop_size`` is set (CLIPSelf's teacher needs them; DenseVLM does not), ``crops``
-    (max_boxes, 3, crop, crop) taken from the original image, zero where a box is padding.
+    Items: ``image`` (3, S, S), ``boxes`` (max_boxes, 4) normalised on the canvas, ``valid`` (max_boxes,),
+    ``cells`` (max_boxes,) each box's global grid-cell index (-1 for padding, see
+    :func:`~densevlm.data.grid_boxes.cell_offsets`) and, only when ``crop_size`` is set (CLIPSelf's teacher needs
+    them; DenseVLM does not), ``crops`` (max_boxes, 3, crop, crop) taken from the original image, zero where a box
+    is padding. With a ``teacher_cache`` (a :class:`~densevlm.data.teacher_cache.TeacherCache` opened for this
+    source) items also carry ``teacher_features`` (max_boxes, D) float16, the cached teacher region features of the
+    drawn cells (zero for padding), and ``cached`` (whether the image was in the cache).
     """
 
     def __init__(self, source: ImageSource, image_size: int, *, grid_style: str = "densevlm", max_split: int = 6,
                  max_boxes: int = 36, crop_size: Optional[int] = None, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD, seed: int = 0) -> None:
+                 std: Sequence[float] = CLIP_STD, seed: int = 0, teacher_cache: Any = None) -> None:
         self.source, self.image_size, self.max_boxes, self.crop_size = source, image_size, max_boxes, crop_size
+        self.teacher_cache = teacher_cache
         self.choices = grid_choices(max_split, grid_style)
         self.mean, self.std, self.seed, self.epoch = mean, std, seed, 0
 
@@ -51,9 +56,12 @@ class GridRegionDataset(Dataset):
             return self[(index + 1) % len(self)]
         rng = item_rng(self.seed, self.epoch, index)
         canvas, scale = resize_longest_pad(img, self.image_size)
-        boxes, valid, pixel = grid_boxes(img.width, img.height, scale, self.image_size, rng, self.choices,
-                                         self.max_boxes)
-        item = {"image": to_tensor(canvas, self.mean, self.std), "boxes": boxes, "valid": valid, "index": index}
+        boxes, valid, pixel, cells = grid_boxes_with_cells(img.width, img.height, scale, self.image_size, rng,
+                                                           self.choices, self.max_boxes)
+        item = {"image": to_tensor(canvas, self.mean, self.std), "boxes": boxes, "valid": valid, "cells": cells,
+                "index": index}
+        if self.teacher_cache is not None:
+            item["teacher_features"], item["cached"] = self.teacher_cache.lookup(index, cells)
         if self.crop_size:
             crops = torch.zeros(self.max_boxes, 3, self.crop_size, self.crop_size)
             for k in range(int(valid.sum())):

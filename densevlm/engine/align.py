@@ -13,7 +13,8 @@ from densevlm.config.align import AlignConfig
 from densevlm.data.regions import GridRegionDataset
 from densevlm.data.sources import ImageSource
 from densevlm.engine.run_dir import prepare_run_dir_once
-from densevlm.engine.trainer import FitResult, Trainer
+from densevlm.engine.teacher_cache import open_teacher_cache, teacher_text_from_cache
+from densevlm.engine.trainer import FitResult, Trainer, resolve_precision
 from densevlm.methods.clipself import CLIPSelfObjective
 from densevlm.methods.densevlm import DenseVLMObjective
 from densevlm.methods.regions import student_region_features
@@ -45,13 +46,18 @@ def freeze_unused(model: nn.Module, image_size: int) -> list[str]:
 
 
 def training_vocabulary(cfg: AlignConfig, student: nn.Module, teacher: Optional[nn.Module]) -> dict[str, Any]:
-    """Student and teacher class embeddings of one training vocabulary, checked to agree class by class."""
+    """Student and teacher class embeddings of one training vocabulary, checked to agree class by class.
+
+    With a teacher cache and no teacher model, the teacher's text embeddings come from the cache's text folder
+    (built there by ``cache-teacher``, or on a miss by building the teacher's text tower once).
+    """
     from densevlm.vocab import text_embeddings_from_config
 
     vocab_s, emb_s = text_embeddings_from_config(student, cfg.student_text)
     out: dict[str, Any] = {"vocabulary": vocab_s, "student_text": emb_s}
-    if teacher is not None:
-        vocab_t, emb_t = text_embeddings_from_config(teacher, cfg.teacher_text)
+    if teacher is not None or cfg.teacher_cache is not None:
+        vocab_t, emb_t = (text_embeddings_from_config(teacher, cfg.teacher_text) if teacher is not None
+                          else teacher_text_from_cache(cfg))
         # Length, order, names and flags must agree: the KL compares column i of one with column i of the other.
         vocab_t.check_compatible(vocab_s, "teacher and student vocabularies")
         out["teacher_text"] = emb_t
@@ -66,11 +72,15 @@ def training_vocabulary(cfg: AlignConfig, student: nn.Module, teacher: Optional[
 
 def build_objective(cfg: AlignConfig, student: nn.Module) -> tuple[Any, nn.Module, dict[str, Any]]:
     if cfg.method == "densevlm":
-        teacher = create_backbone(cfg.teacher)
+        # With a teacher cache the teacher is not built at all (unless images missing from the cache need it).
+        teacher = create_backbone(cfg.teacher) if cfg.teacher_cache is None else None
         voc = training_vocabulary(cfg, student, teacher)
         vocab = voc["vocabulary"]
+        precision = resolve_precision(cfg.loop.precision, cfg.loop.cpu)
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         objective = DenseVLMObjective(teacher, voc["teacher_text"], voc["student_text"], vocab.thing_mask,
-                                      temperature=cfg.densevlm.temperature, threshold=cfg.densevlm.threshold)
+                                      temperature=cfg.densevlm.temperature, threshold=cfg.densevlm.threshold,
+                                      teacher_autocast=autocast)
         info = {"vocabulary": vocab.name, "classes": len(vocab), "things": int(vocab.thing_mask.sum())}
         return objective, teacher, info
     teacher = create_backbone(cfg.teacher) if cfg.teacher is not None else copy.deepcopy(student)
@@ -96,9 +106,16 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
     source = ImageSource(cfg.data.source)
     style = cfg.method if cfg.data.grid_style == "auto" else cfg.data.grid_style
     crop = (cfg.data.crop_size or teacher.native_image_size) if cfg.method == "clipself" else None
+    cache = None
+    if cfg.teacher_cache is not None:
+        cache = open_teacher_cache(cfg, source, student)
+        info["teacher_cache"] = f"{cfg.teacher_cache} ({len(source) - cache.missing}/{len(source)} images)"
+        if cache.missing:  # teacher_cache_missing=online: those images need the teacher after all
+            objective.teacher = create_backbone(cfg.teacher)
     dataset = GridRegionDataset(source, cfg.data.image_size, grid_style=style, max_split=cfg.data.max_split,
                                 max_boxes=cfg.data.max_boxes or DEFAULT_MAX_BOXES[cfg.method], crop_size=crop,
-                                mean=student.image_mean, std=student.image_std, seed=cfg.loop.seed)
+                                mean=student.image_mean, std=student.image_std, seed=cfg.loop.seed,
+                                teacher_cache=cache)
     if evaluate is None and cfg.eval.data.panoptic_json:
         evaluate = periodic_region_eval(cfg)
     trainer = Trainer(model=student, objective=objective, dataset=dataset, loop=cfg.loop, optim=cfg.optim,

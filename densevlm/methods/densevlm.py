@@ -10,11 +10,15 @@ Per batch (METHOD_DENSEVLM.md §1.4-1.5):
    averaged over its own group of regions.
 A batch where no region passes contributes an exact zero loss (with a graph, so DDP still all-reduces) and is
 counted; it never produces NaN.
+
+With a teacher-target cache (:mod:`densevlm.data.teacher_cache`) the batch carries ``teacher_features``, the
+teacher's normalised region features of the drawn cells, and step 1 is a look-up: the teacher is not run (and,
+unless some images are missing from the cache, not even built).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +38,20 @@ class DenseVLMObjective:
     """See the module docstring.
 
     Args:
-        teacher: the frozen P-VLM (a :class:`~densevlm.models.DenseCLIP`).
+        teacher: the frozen P-VLM (a :class:`~densevlm.models.DenseCLIP`); None when every batch brings cached
+            teacher features.
         teacher_text, student_text: (N, D_T) and (N, D_S) unit-norm class embeddings of the SAME vocabulary
             (same classes in the same order), each in its own model's text space.
         thing_mask: (N,) bool, True for thing classes.
         temperature: logits are cos / temperature (the reference's fixed 0.01, not the learned logit_scale).
         threshold: keep a region when the teacher's max probability exceeds this.
+        teacher_autocast: run the teacher's forward under autocast to this dtype (the training precision; the
+            student's forward gets it from accelerate), None for full precision.
     """
 
-    def __init__(self, teacher: nn.Module, teacher_text: torch.Tensor, student_text: torch.Tensor,
-                 thing_mask: torch.Tensor, *, temperature: float = 0.01, threshold: float = 0.3) -> None:
+    def __init__(self, teacher: Optional[nn.Module], teacher_text: torch.Tensor, student_text: torch.Tensor,
+                 thing_mask: torch.Tensor, *, temperature: float = 0.01, threshold: float = 0.3,
+                 teacher_autocast: Optional[torch.dtype] = None) -> None:
         if teacher_text.shape[0] != student_text.shape[0] or teacher_text.shape[0] != thing_mask.shape[0]:
             raise ValueError(f"teacher ({teacher_text.shape[0]}), student ({student_text.shape[0]}) text embeddings "
                              f"and thing mask ({thing_mask.shape[0]}) must cover the same vocabulary")
@@ -54,17 +62,48 @@ class DenseVLMObjective:
         self.student_text = F.normalize(student_text.float(), dim=-1)
         self.thing_mask = thing_mask.bool()
         self.temperature, self.threshold = temperature, threshold
+        self.teacher_autocast = teacher_autocast
 
     def prepare(self, device: torch.device) -> None:
-        self.teacher.to(device).eval().requires_grad_(False)
+        if self.teacher is not None:
+            self.teacher.to(device).eval().requires_grad_(False)
         self.teacher_text = self.teacher_text.to(device)
         self.student_text = self.student_text.to(device)
         self.thing_mask = self.thing_mask.to(device)
 
     @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        """The online teacher's region features (sum K_i, D_T), not normalised."""
+        if self.teacher is None:
+            raise RuntimeError("DenseVLM objective built without a teacher, but a batch needs it (no cached "
+                               "teacher features for some of its images)")
+        dtype = self.teacher_autocast
+        with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return self.teacher.pool_boxes(self.teacher.encode_dense(images), boxes).float()
+
+    @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        feats = self.teacher.pool_boxes(self.teacher.encode_dense(images), boxes)
+        return self.logits_of_teacher_features(self.teacher_features(images, boxes))
+
+    def logits_of_teacher_features(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(feats.float(), dim=-1) @ self.teacher_text.t() / self.temperature
+
+    @torch.no_grad()
+    def batch_teacher_features(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Teacher region features of the batch's valid boxes, in ``per_image_boxes`` order: from the cache where
+        the batch carries them, online otherwise. Also returns how many images needed the online teacher."""
+        images = batch["image"]
+        if "teacher_features" not in batch:
+            return self.teacher_features(images, boxes), len(images)
+        cached = batch["cached"].bool()
+        feats = batch["teacher_features"].float()
+        if not bool(cached.all()):
+            online = (~cached).nonzero().flatten().tolist()
+            computed = self.teacher_features(images[online], [boxes[i] for i in online])
+            feats = feats.clone()
+            for i, part in zip(online, computed.split([len(boxes[i]) for i in online])):
+                feats[i, batch["valid"][i]] = part
+        return feats[batch["valid"]], len(images) - int(cached.sum())
 
     def loss_from_logits(self, t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The decoupled KL given teacher and student logits over the vocabulary for the same regions."""
@@ -90,8 +129,11 @@ class DenseVLMObjective:
     def __call__(self, step_model: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
         images = batch["image"]
         boxes = per_image_boxes(batch["boxes"], batch["valid"])
-        t_logits = self.teacher_logits(images, boxes)
+        t_feats, n_online = self.batch_teacher_features(batch, boxes)
+        t_logits = self.logits_of_teacher_features(t_feats)
         s_feats = step_model(student_region_features, images, boxes)
         s_logits = F.normalize(s_feats.float(), dim=-1) @ self.student_text.t() / self.temperature
         loss, metrics = self.loss_from_logits(t_logits, s_logits)
+        if "teacher_features" in batch:
+            metrics["teacher_online_images"] = float(n_online)
         return ObjectiveOutput(loss, metrics)

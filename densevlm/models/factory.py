@@ -308,3 +308,21 @@ def create_backbone(spec: Union[ModelSpec, str], *, device: Union[str, torch.dev
         preprocess_cfg=preprocess,
     )
     return model.to(device).eval()
+
+
+def weights_identity(spec: ModelSpec) -> tuple[str, str]:
+    """(open_clip model name, :attr:`DenseCLIP.weights_id`) of the model ``create_backbone(spec)`` would build,
+    without building it: the weights file is hashed. Random-init specs have no stable identity (an error)."""
+    try:
+        spec.validate()
+    except ValueError as err:
+        raise ConfigError(f"model spec: {err}") from None
+    register_model_configs()
+    spec, name, weights_file, tag = _resolve_source(resolve_zoo_spec(spec))
+    if weights_file is None and tag is not None:
+        weights_file = Path(open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag),
+                                                          cache_dir=spec.cache_dir))
+    if weights_file is None:
+        raise ConfigError(f"model {name} has no pretrained weights (random init): its weights have no identity to "
+                          "check a cache against; give it weights (a file, run directory, zoo name or tag)")
+    return name, sha256_file(weights_file)[:16]

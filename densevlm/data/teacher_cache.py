@@ -1,0 +1,326 @@
+"""The teacher-target cache: the frozen teacher's region features of every grid cell of every training image.
+
+DenseVLM's teacher sees un-augmented images and grid boxes that are a fixed function of (image size, grid choice,
+cell), so its pooled, normalised region features are the same every epoch. The cache stores, for each image, the
+feature of every cell of every grid choice (309 cells for the 17 DenseVLM choices; see
+:func:`~densevlm.data.grid_boxes.cell_offsets`), so a training step only looks up the cells its sampler drew and
+the teacher is never run (nor loaded). The features are vocabulary-independent: one cache serves any vocabulary
+and template set (the logits against the teacher's text embeddings are computed online).
+
+Layout of a cache folder::
+
+    cache.json                  format, the metadata below, shard size, image count
+    shard-00000.safetensors     "features" (n, cells, D) float16, rows in the shard's image order;
+    shard-00001.safetensors     header metadata: the same metadata and the shard's image keys (JSON)
+    text/                       the teacher's text embeddings of the recipe's vocabulary (a text-embedding cache)
+
+Metadata (checked on use, a mismatch is an error naming each differing field): the teacher's architecture,
+weights hash and dense path, the image size, grid style and choices, the transform (resize-longest + pad, mean,
+std) and the stored dtype. Shards are written atomically; building is resumable shard by shard and runs on
+several processes with ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from densevlm.data.grid_boxes import all_grid_cells, cell_offsets, grid_choices
+from densevlm.data.images import ImageReadError
+from densevlm.data.sources import ImageSource
+from densevlm.data.transforms import resize_longest_pad, to_tensor
+from densevlm.utils.io import atomic_save, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "densevlm.teacher_cache"
+FORMAT_VERSION = 1
+MANIFEST = "cache.json"
+TEXT_DIR = "text"
+FEATURES = "features"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TRANSFORM = "resize-longest (bicubic) + zero pad right/bottom"
+
+
+class TeacherCacheError(ValueError):
+    """A teacher cache that does not fit the run (other teacher, image size, grid, transform) or the dataset."""
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.safetensors"
+
+
+def cache_metadata(*, teacher_name: str, teacher_weights: str, dense_last_block: str, image_size: int,
+                   grid_style: str, max_split: int, mean: Sequence[float], std: Sequence[float],
+                   dtype: str = "fp16") -> dict[str, Any]:
+    """Everything the cached features depend on; the cache is used only when all of it matches the run."""
+    if dtype not in DTYPES:
+        raise TeacherCacheError(f"teacher cache dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    choices = grid_choices(max_split, grid_style)
+    return {
+        "teacher": teacher_name, "teacher_weights": teacher_weights, "dense_last_block": dense_last_block,
+        "image_size": int(image_size), "grid_style": grid_style, "max_split": int(max_split),
+        "grid_choices": [list(c) for c in choices], "cells_per_image": cell_offsets(choices)[-1],
+        "transform": {"resize": TRANSFORM, "mean": [round(float(m), 8) for m in mean],
+                      "std": [round(float(s), 8) for s in std]},
+        "dtype": dtype, "normalized": True,
+    }
+
+
+def meta_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two metadata dicts (empty when they match)."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if a != b:
+            out.append(f"{key}: cache has {json.dumps(a)[:120]}, the run needs {json.dumps(b)[:120]}")
+    return out
+
+
+def image_keys(source: ImageSource) -> list[str]:
+    """A stable name per image of ``source``: its path relative to the source's image root (or its row)."""
+    if source.hf is not None:
+        return [f"row:{i}" for i in range(len(source))]
+    cfg = source.cfg
+    if cfg.kind == "coco_json":
+        root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
+    elif cfg.kind == "toyworld":
+        root = Path(cfg.path) / "images" / cfg.split
+    else:
+        root = Path(cfg.path)
+    root = root.resolve()
+    keys = []
+    for p in source.paths:
+        p = p.resolve()
+        keys.append(p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix())
+    return keys
+
+
+# --------------------------------------------------------------------------------------------- building
+class _CanvasImages(Dataset):
+    """(canvas tensor, original width, height, index) per image; None for an unreadable image when skipping."""
+
+    def __init__(self, source: ImageSource, indices: list[int], image_size: int, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        self.source, self.indices, self.size, self.mean, self.std = source, indices, image_size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Optional[tuple[torch.Tensor, int, int, int]]:
+        index = self.indices[i]
+        try:
+            img = self.source.load(index)
+        except ImageReadError as err:
+            if not self.source.cfg.skip_bad_images:
+                raise
+            log.warning("%s; left out of the teacher cache (data.source.skip_bad_images)", err)
+            return None
+        canvas, _ = resize_longest_pad(img, self.size)
+        return to_tensor(canvas, self.mean, self.std), img.width, img.height, index
+
+
+def _collate(items: list) -> list:
+    return [it for it in items if it is not None]
+
+
+@torch.no_grad()
+def cell_features(teacher: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                  image_size: int, choices: list[tuple[int, int]],
+                  autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(B, cells, D) float32 unit-norm teacher features of every grid cell of each image.
+
+    ``sizes`` are the original (width, height); the boxes are those :func:`grid_boxes` would draw, bit for bit.
+    """
+    boxes = [all_grid_cells(w, h, image_size / max(w, h), image_size, choices).to(images.device) for w, h in sizes]
+    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        feats = teacher.pool_boxes(teacher.encode_dense(images), boxes)
+    return F.normalize(feats.float(), dim=-1).view(len(sizes), boxes[0].shape[0], -1)
+
+
+def _shard_header(path: Path) -> tuple[dict[str, Any], list[str]]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise TeacherCacheError(f"{path}: unreadable teacher-cache shard ({err}); delete it and rerun "
+                                "`densevlm cache-teacher` (it rebuilds missing shards only)") from None
+    if header.get("format") != FORMAT or "meta" not in header or "keys" not in header:
+        raise TeacherCacheError(f"{path}: not a densevlm teacher-cache shard (no '{FORMAT}' header)")
+    return json.loads(header["meta"]), json.loads(header["keys"])
+
+
+def _check_manifest(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    manifest = read_json(root / MANIFEST, "teacher cache manifest")
+    if manifest.get("format") != FORMAT:
+        raise TeacherCacheError(f"{root / MANIFEST}: not a densevlm teacher cache (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise TeacherCacheError(f"{root / MANIFEST}: cache format version {manifest.get('format_version')}, this "
+                                f"densevlm reads version {FORMAT_VERSION}; rebuild it with `densevlm cache-teacher`")
+    diffs = meta_differences(manifest["meta"], meta)
+    if diffs:
+        raise TeacherCacheError(f"teacher cache {root} was built for other settings than this run's: "
+                                + "; ".join(diffs) + ". Build a cache for this recipe with `densevlm cache-teacher` "
+                                "into another folder (or point teacher_cache at the right one)")
+    return manifest
+
+
+def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: str | os.PathLike,
+                        meta: dict[str, Any], *, shard_size: int = 256, batch_size: int = 8, num_workers: int = 0,
+                        accelerator: Any = None, autocast_dtype: Optional[torch.dtype] = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Write (or complete) the cache of ``teacher`` over ``source`` in ``out_dir``; returns a summary.
+
+    Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)`` of the source. Each process of
+    ``accelerator`` (a single process when None) writes the shards ``s`` with ``s % num_processes == rank``; shards
+    already on disk with the same metadata and images are kept, so an interrupted build resumes. Each shard
+    appears under its final name only once complete (atomic write).
+    """
+    root = Path(out_dir)
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    keys = image_keys(source)
+    n_shards = math.ceil(len(keys) / shard_size)
+    if rank == 0:
+        if (root / MANIFEST).exists():
+            manifest = _check_manifest(root, meta)
+            if manifest["shard_size"] != shard_size:
+                raise TeacherCacheError(f"{root / MANIFEST}: built with shard_size {manifest['shard_size']}, asked "
+                                        f"for {shard_size}; resume with the same shard size or use another folder")
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta,
+                                            "feature_dim": int(teacher.embed_dim), "shard_size": shard_size,
+                                            "num_images": len(keys)})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    _check_manifest(root, meta)
+
+    choices = [tuple(c) for c in meta["grid_choices"]]
+    dtype = DTYPES[meta["dtype"]]
+    mine, kept = [], 0
+    for s in range(rank, n_shards, world):
+        path = root / shard_name(s)
+        want = keys[s * shard_size:(s + 1) * shard_size]
+        if path.exists():
+            stored_meta, stored_keys = _shard_header(path)
+            if not meta_differences(stored_meta, meta) and stored_keys == want:
+                kept += 1
+                continue
+            log.info("%s holds other images or settings; rebuilt", path)
+        mine.append(s)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    t0, written, n_images = time.time(), 0, 0
+    bar = tqdm(total=sum(min(shard_size, len(keys) - s * shard_size) for s in mine), unit="img",
+               desc=f"teacher cache [{rank}]", disable=not progress or rank != 0)
+    for s in mine:
+        indices = list(range(s * shard_size, min((s + 1) * shard_size, len(keys))))
+        loader = DataLoader(_CanvasImages(source, indices, meta["image_size"], meta["transform"]["mean"],
+                                          meta["transform"]["std"]),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+        feats, shard_keys = [], []
+        for items in loader:
+            if items:
+                images = torch.stack([it[0] for it in items]).to(device)
+                f = cell_features(teacher, images, [(it[1], it[2]) for it in items], meta["image_size"], choices,
+                                  autocast_dtype)
+                feats.append(f.to(dtype).cpu())
+                shard_keys += [keys[it[3]] for it in items]
+            bar.update(len(items))
+        if not feats:
+            continue
+        tensor = torch.cat(feats).contiguous()
+        header = {"format": FORMAT, "meta": json.dumps(meta), "keys": json.dumps(shard_keys)}
+        from safetensors.torch import save_file
+
+        atomic_save(root / shard_name(s), lambda p: save_file({FEATURES: tensor}, str(p), metadata=header))
+        written += 1
+        n_images += len(shard_keys)
+    bar.close()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    seconds = time.time() - t0
+    shard_files = sorted(root.glob("shard-*.safetensors"))
+    total_bytes = sum(p.stat().st_size for p in shard_files)
+    return {"cache": str(root), "process": f"{rank + 1}/{world}", "images": len(keys), "shards": n_shards, "shards_written_here": written,
+            "shards_kept_here": kept, "images_written_here": n_images, "seconds_here": round(seconds, 1),
+            "bytes_on_disk": total_bytes, "bytes_per_image": round(total_bytes / max(1, len(keys))),
+            "cells_per_image": meta["cells_per_image"], "dtype": meta["dtype"]}
+
+
+# --------------------------------------------------------------------------------------------- reading
+class TeacherCache:
+    """Read access to a cache for one dataset: ``lookup(index, cells)`` gives the drawn cells' features.
+
+    Opening checks the metadata against ``meta`` (the run's) and that every image of ``keys`` (the dataset's,
+    see :func:`image_keys`) is cached. Missing images are an error naming how many and the first few, unless
+    ``missing="online"``: then :meth:`lookup` flags them (``cached`` False) and the objective runs the teacher for
+    them; :attr:`missing` counts them.
+    """
+
+    def __init__(self, root: str | os.PathLike, meta: dict[str, Any], keys: list[str], *,
+                 missing: str = "error") -> None:
+        self.root = Path(root)
+        if not (self.root / MANIFEST).is_file():
+            raise TeacherCacheError(f"teacher_cache: {self.root} is not a teacher cache (no {MANIFEST}); build one "
+                                    "with `densevlm cache-teacher --config <this recipe>`")
+        manifest = _check_manifest(self.root, meta)
+        self.meta, self.dim, self.cells = meta, int(manifest["feature_dim"]), int(meta["cells_per_image"])
+        self.shards: list[str] = []
+        where: dict[str, tuple[int, int]] = {}
+        for path in sorted(self.root.glob("shard-*.safetensors")):
+            stored, shard_keys = _shard_header(path)
+            diffs = meta_differences(stored, meta)
+            if diffs:
+                raise TeacherCacheError(f"{path}: built for other settings than this run's: " + "; ".join(diffs))
+            self.shards.append(str(path))
+            for row, key in enumerate(shard_keys):
+                where[key] = (len(self.shards) - 1, row)
+        self.rows: list[Optional[tuple[int, int]]] = [where.get(k) for k in keys]
+        absent = [k for k, r in zip(keys, self.rows) if r is None]
+        self.missing = len(absent)
+        if absent and missing != "online":
+            raise TeacherCacheError(
+                f"teacher cache {self.root}: {len(absent)} of {len(keys)} image(s) of the dataset are not cached, "
+                f"e.g. {', '.join(absent[:5])}; complete it with `densevlm cache-teacher` on this recipe (it resumes), "
+                "or set teacher_cache_missing=online to run the teacher for those images")
+        if absent:
+            log.warning("teacher cache %s lacks %d of %d image(s) (e.g. %s); the teacher runs online for them",
+                        self.root, len(absent), len(keys), ", ".join(absent[:3]))
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # File handles do not cross process boundaries (DataLoader workers open their own).
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _slice(self, shard: int) -> Any:
+        if shard not in self._handles:
+            handle = safe_open(self.shards[shard], framework="pt")
+            self._handles[shard] = (handle, handle.get_slice(FEATURES))  # the slice reads through the open file
+        return self._handles[shard][1]
+
+    def lookup(self, index: int, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(cells), D) features of image ``index``'s cells (zero rows where ``cells`` is -1) and whether the
+        image is cached (all zero and False if not)."""
+        loc = self.rows[index]
+        out = torch.zeros(len(cells), self.dim, dtype=DTYPES[self.meta["dtype"]])
+        if loc is None:
+            return out, torch.tensor(False)
+        shard, row = loc
+        feats = self._slice(shard)[row:row + 1][0]  # reads this image's row only (memory-mapped)
+        valid = cells >= 0
+        out[valid] = feats[cells[valid]]
+        return out, torch.tensor(True)
