@@ -10,6 +10,7 @@ from abc import ABCMeta, abstractmethod
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -48,3 +49,16 @@ class Segmenter(nn.Module, metaclass=ABCMeta):
         if len(names) != rows:
             raise ValueError(f"{type(self).__name__}: {len(names)} class names for {rows} class embeddings")
         return names
+
+
+def pad_to_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Zero-pad (B, 3, H, W) images right and bottom to multiples of ``patch_size`` (the patch grid must cover them)."""
+    h, w = images.shape[-2:]
+    pad_h, pad_w = -h % patch_size, -w % patch_size
+    return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
+
+def upsample_to_input(maps: torch.Tensor, padded: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) patch-grid maps -> (B, C, H, W): bilinear to the padded input's size, then the padding cut off."""
+    out = F.interpolate(maps, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return out[:, :, :size[0], :size[1]]

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from densevlm.segmenters.base import Segmenter
+from densevlm.segmenters.base import Segmenter, pad_to_patches, upsample_to_input
 
 
 class DenseCLIPSegmenter(Segmenter):
@@ -43,12 +43,7 @@ class DenseCLIPSegmenter(Segmenter):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h, w = images.shape[-2:]
-        p = self.model.patch_size
-        pad_h, pad_w = -h % p, -w % p
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h))
-        dense = self.model.encode_dense(images, last_block=self.last_block)  # (B, D, h/p, w/p), unit norm
+        padded = pad_to_patches(images, self.model.patch_size)
+        dense = self.model.encode_dense(padded, last_block=self.last_block)  # (B, D, h/p, w/p), unit norm
         logits = torch.einsum("bdhw,cd->bchw", dense.float(), self.text.to(dense.device))
-        logits = F.interpolate(logits, size=(h + pad_h, w + pad_w), mode="bilinear", align_corners=False)
-        return logits[:, :, :h, :w]
+        return upsample_to_input(logits, padded, images.shape[-2:])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from densevlm.models.patch_attention import PatchBackbone, PatchFeatures
-from densevlm.segmenters.base import Segmenter
+from densevlm.segmenters.base import Segmenter, pad_to_patches, upsample_to_input
 
 
 @torch.no_grad()
@@ -141,15 +141,10 @@ class Talk2DINOSegmenter(Segmenter):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h, w = images.shape[-2:]
-        p = self.backbone.patch_size
-        pad_h, pad_w = -h % p, -w % p
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h))
-        mask, _ = self.scores(images)
-        mask = F.interpolate(mask, size=(h + pad_h, w + pad_w), mode="bilinear", align_corners=False)
-        mask = mask[:, :, :h, :w]
-        return pamr(images[:, :, :h, :w], mask) if self.pamr else mask
+        padded = pad_to_patches(images, self.backbone.patch_size)
+        mask, _ = self.scores(padded)
+        mask = upsample_to_input(mask, padded, images.shape[-2:])
+        return pamr(images, mask) if self.pamr else mask
 
 
 def build_talk2dino_segmenter(cfg: Any, text_vocabulary: Any, *, text_model: Any = None,
