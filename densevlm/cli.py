@@ -206,6 +206,19 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     s.set_defaults(fn=cmd_eval_semseg)
 
 
+# --------------------------------------------------------------------------- det
+def cmd_det(args: argparse.Namespace) -> int:
+    from densevlm.integrations.detectron2.det_cli import run_det_command
+
+    return run_det_command(args)
+
+
+def _det_args(p: argparse.ArgumentParser) -> None:
+    from densevlm.integrations.detectron2.det_cli import add_det_args
+
+    add_det_args(p, _add_config_args, cmd_det)
+
+
 # --------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
     from densevlm.models import create_backbone
@@ -354,6 +367,8 @@ COMMANDS: list[Command] = [
      _demo_args, cmd_demo),
     ("export", "write a model in the checkpoint layout a consumer loads (SAN, CAT-Seg, F-ViT, open_clip)",
      _export_args, cmd_export),
+    ("det", "open-vocabulary detection in detectron2 (F-ViT-style, frozen backbone): `densevlm det train|eval "
+     "--config configs/det/...`; AP, AP50, AP50-novel/base", _det_args, None),
 ]
 
 
@@ -369,6 +384,10 @@ def recipe_class(path: str | Path) -> type:
     classes: dict[str, type] = {"toyworld": ToyWorldConfig, "pretrain": PretrainConfig, "demo": DemoConfig,
                                 "train": AlignConfig, "eval": RegionEvalConfig}
     folder = Path(path).parent.name
+    if folder == "det":
+        from densevlm.config.detection import DetectionConfig
+
+        return DetectionConfig
     if folder == "eval" and Path(path).name.startswith("semseg_"):
         from densevlm.config.semseg import SemSegEvalConfig
 
