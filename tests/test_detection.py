@@ -4,6 +4,7 @@ is evaluated by COCOEvaluator, and gives the same numbers when its checkpoint is
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -26,7 +27,7 @@ from densevlm.integrations.detectron2.datasets import (
     OVCOCO_BASE, OVCOCO_NOVEL, make_ovcoco_annotations, register_ov_split)
 from densevlm.integrations.detectron2.evaluation import per_class_ap, split_metrics
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small ops: one thread is faster than two on a busy 2-core machine
 MODEL = "ToyCLIP-ViT-T-16"  # random weights: width 192, 4 blocks, 128-d text space
 
 
@@ -196,7 +197,7 @@ def test_evaluator_reads_our_detections(trained):
 def test_checkpoint_evaluated_twice_gives_the_same_numbers(trained):
     from densevlm.integrations.detectron2.detector import run_detection
 
-    cfg, result = trained
+    cfg, result = copy.deepcopy(trained)
     cfg.weights = str(Path(cfg.output_dir) / "model_final.pth")
     cfg.output_dir = str(Path(cfg.output_dir).parent / "eval")
     first = run_detection(cfg, "eval")["metrics"]
@@ -206,7 +207,7 @@ def test_checkpoint_evaluated_twice_gives_the_same_numbers(trained):
 
 
 # --------------------------------------------------------------------------- bad input
-def test_bad_inputs_are_named(world, tmp_path, trained, monkeypatch):
+def test_bad_inputs_are_named(world, tmp_path, trained, monkeypatch, capsys):
     from densevlm.integrations.detectron2.detector import run_detection
 
     emb = tmp_path / "emb64.npy"
@@ -231,3 +232,15 @@ def test_bad_inputs_are_named(world, tmp_path, trained, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "detectron2.modeling", None)
     assert main(["det", "eval", "-c", "configs/det/toy.yaml"]) == 1
+    assert "make detectron2" in capsys.readouterr().err
+
+
+def test_toy_recipe_file_is_the_demo_recipe():
+    from densevlm.config import to_dict
+    from densevlm.config.detection import toy_detection_config
+
+    assert to_dict(load_config(DetectionConfig, "configs/det/toy.yaml")) == to_dict(toy_detection_config())
+    ovcoco = load_config(DetectionConfig, "configs/det/fvit_ovcoco_eva02_b16.yaml")
+    assert (ovcoco.input.train_size, ovcoco.solver.epochs, ovcoco.solver.optimizer, ovcoco.solver.lr) == (
+        640, 3.0, "adamw", 1e-4)
+    assert (ovcoco.head.alpha, ovcoco.head.beta, ovcoco.data.novel_in_train) == (0.1, 0.8, "error")

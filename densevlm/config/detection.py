@@ -207,3 +207,24 @@ class DetectionConfig:
             raise ConfigError(f"num_workers: expected an integer >= 0, got {self.num_workers}")
         if len(self.detectron2) % 2:
             raise ConfigError(f"detectron2: expected KEY VALUE pairs, got an odd list {self.detectron2}")
+
+
+def toy_detection_config() -> DetectionConfig:
+    """The toy recipe (``configs/det/toy.yaml``; the demo's detection stage): F-ViT at toy scale on a CPU.
+
+    Paths (``output_dir``, ``data.root``) and ``backbone.model`` are filled in by the caller.
+    """
+    return DetectionConfig(
+        output_dir="runs/det/toy",
+        backbone=DetBackboneConfig(model="toy-student", out_indices=[1, 2, 3, 5]),
+        data=DetDataConfig(kind="toyworld", root="data/toyworld", train_json="annotations/instances_train.json",
+                           train_images="images/train", val_json="annotations/instances_val.json",
+                           val_images="images/val", novel_in_train="drop"),
+        input=DetInputConfig(train_size=192, test_size=192),
+        head=DetHeadConfig(fpn_channels=64, anchor_sizes=[16, 32, 64, 128, 256], rpn_post_nms_topk_train=256,
+                           rpn_post_nms_topk_test=256, roi_batch_size_per_image=128, num_conv=2, conv_dim=64,
+                           fc_dim=256, templates="short"),
+        solver=DetSolverConfig(epochs=6, ims_per_batch=8, lr=5e-4, weight_decay=0.05, warmup_iters=50,
+                               lr_decay_epochs=[5]),
+        num_workers=2,
+    )

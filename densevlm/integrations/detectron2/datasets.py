@@ -59,9 +59,10 @@ def make_ovcoco_annotations(coco_json: str | Path, out: str | Path, *, base_only
             "removed": len(data["annotations"]) - len(annotations)}
 
 
-def dataset_name(kind: str, split: str, json_file: str | Path, image_root: str | Path, limit: Optional[int]) -> str:
-    """A catalog name unique to the files (registering the same files twice reuses the name)."""
-    key = f"{Path(json_file).resolve()}|{Path(image_root).resolve()}|{limit}"
+def dataset_name(kind: str, split: str, json_file: str | Path, image_root: str | Path, limit: Optional[int],
+                 rule: str = "") -> str:
+    """A catalog name unique to the files and loading rule (registering the same twice reuses the name)."""
+    key = f"{Path(json_file).resolve()}|{Path(image_root).resolve()}|{limit}|{rule}"
     return f"densevlm_{kind}_{split}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
@@ -134,7 +135,7 @@ def register_ov_split(kind: str, root: str | Path, json_rel: str, images_rel: st
         raise FileNotFoundError(f"data: annotation file not found: {json_file}{hint}")
     if not image_root.is_dir():
         raise FileNotFoundError(f"data: image folder not found: {image_root}")
-    name = dataset_name(kind, split, json_file, image_root, limit)
+    name = dataset_name(kind, split, json_file, image_root, limit, f"train:{novel_in_train}" if train else "test")
     if name in DatasetCatalog.list():
         return name
     classes, novel = split_classes(kind, root, json_file)

@@ -122,7 +122,8 @@ def detectron2_config(cfg: DetectionConfig, train_name: str, test_name: str, num
     c.SOLVER.STEPS = tuple(sorted({round(e * per_epoch) for e in s.lr_decay_epochs if 0 < round(e * per_epoch) < max_iter}))
     c.SOLVER.GAMMA = s.gamma
     c.SOLVER.WARMUP_ITERS = min(s.warmup_iters, max_iter)
-    c.SOLVER.CHECKPOINT_PERIOD = s.checkpoint_period or max_iter
+    # 0: model_final.pth only (PeriodicCheckpointer always writes it; a period past the end adds nothing)
+    c.SOLVER.CHECKPOINT_PERIOD = s.checkpoint_period or max_iter + 1
     c.SOLVER.AMP.ENABLED = s.amp
     c.SOLVER.CLIP_GRADIENTS.ENABLED = s.clip_grad is not None
     if s.clip_grad is not None:
@@ -291,7 +292,9 @@ def _main(cfg: DetectionConfig, mode: Literal["train", "eval"], resume: bool) ->
     if mode == "train":
         trainer = trainer_cls(d2cfg)
         trainer.resume_or_load(resume=resume)
-        results = trainer.train()
+        # DefaultTrainer.train returns the final evaluation only when TEST.EXPECTED_RESULTS is set; its EvalHook
+        # keeps it in _last_eval_results either way
+        results = trainer.train() or getattr(trainer, "_last_eval_results", None)
         extra.update(train_seconds=round(time.time() - t0, 1), max_iter=d2cfg.SOLVER.MAX_ITER,
                      train_images=num_images, weights=str(Path(cfg.output_dir) / "model_final.pth"))
     else:
