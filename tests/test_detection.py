@@ -244,3 +244,28 @@ def test_toy_recipe_file_is_the_demo_recipe():
     assert (ovcoco.input.train_size, ovcoco.solver.epochs, ovcoco.solver.optimizer, ovcoco.solver.lr) == (
         640, 3.0, "adamw", 1e-4)
     assert (ovcoco.head.alpha, ovcoco.head.beta, ovcoco.data.novel_in_train) == (0.1, 0.8, "error")
+
+
+def test_quick_demo_detection_stage_and_rerun_reuses_it(tmp_path, capsys):
+    from densevlm.cli import main
+
+    out = tmp_path / "demo"
+    args = ["demo", "--detection", "--config", "configs/demo/quick.yaml", "--set", f"output_dir={out}"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    summary = json.loads((out / "detection" / "summary.json").read_text())
+    assert set(summary["metrics"]) == {"base", "clipself", "densevlm"}
+    for metrics in summary["metrics"].values():
+        for key in ("AP", "AP50", "AP50-novel", "AP50-base"):
+            assert key in metrics
+    # same recipe, only the backbone differs
+    configs = {n: json.loads((out / "detection" / n / "det_metrics.json").read_text())["config"]
+               for n in summary["metrics"]}
+    models = {n: c["backbone"].pop("model") for n, c in configs.items()}
+    assert models["base"] == "toy-student" and models["densevlm"] == str(out / "densevlm")
+    for c in configs.values():
+        c.pop("output_dir")
+    assert configs["base"] == configs["clipself"] == configs["densevlm"]
+    assert (out / "figures" / "detection_ap50.png").is_file() and "AP50-novel" in first
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("reusing") >= 5  # world, both students, three detectors

@@ -217,7 +217,10 @@ def _trainer_class():
             params = get_default_optimizer_params(model, base_lr=cfg.SOLVER.BASE_LR,
                                                   weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
                                                   bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-                                                  weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+                                                  weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+                                                  # decay would pull the temperature to 1 and the background to 0
+                                                  overrides={"log_temperature": {"weight_decay": 0.0},
+                                                             "background_embedding": {"weight_decay": 0.0}})
             if cfg.SOLVER.OPTIMIZER == "adamw":
                 optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
             else:
