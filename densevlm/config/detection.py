@@ -92,6 +92,8 @@ class DetHeadConfig:
     fpn_channels: int = 256
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 1000
     rpn_post_nms_topk_train: int = 1000
     rpn_post_nms_topk_test: int = 1000
     roi_batch_size_per_image: int = 512
@@ -178,7 +180,8 @@ class DetectionConfig:
     ``weights``: a detector checkpoint (``model_final.pth`` of a run) to evaluate, or to start training from.
     ``eval_period``: evaluate every N iterations during training (0: at the end only).
     ``device``: "auto" (CUDA when available), "cpu" or "cuda"; ``num_gpus``: processes launched by detectron2's
-    ``launch`` (one per GPU). ``detectron2``: extra detectron2 config as ``[KEY, VALUE, ...]`` (``merge_from_list``),
+    ``launch`` (one per GPU); ``threads``: torch CPU threads per process (null: torch's default; on a busy small
+    CPU one thread is often faster for this model's many small ops). ``detectron2``: extra detectron2 config as ``[KEY, VALUE, ...]`` (``merge_from_list``),
     applied last, for keys this config does not name.
     """
 
@@ -193,6 +196,7 @@ class DetectionConfig:
     num_workers: int = 4
     device: str = "auto"
     num_gpus: int = 1
+    threads: Optional[int] = None
     seed: int = 0
     detectron2: list[str] = field(default_factory=list)
 
@@ -205,6 +209,8 @@ class DetectionConfig:
             raise ConfigError(f"num_gpus: expected an integer >= 1, got {self.num_gpus}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: expected an integer >= 0, got {self.num_workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads: expected null or an integer >= 1, got {self.threads}")
         if len(self.detectron2) % 2:
             raise ConfigError(f"detectron2: expected KEY VALUE pairs, got an odd list {self.detectron2}")
 
@@ -221,9 +227,9 @@ def toy_detection_config() -> DetectionConfig:
                            train_images="images/train", val_json="annotations/instances_val.json",
                            val_images="images/val", novel_in_train="drop"),
         input=DetInputConfig(train_size=192, test_size=192),
-        head=DetHeadConfig(fpn_channels=64, anchor_sizes=[16, 32, 64, 128, 256], rpn_post_nms_topk_train=256,
-                           rpn_post_nms_topk_test=256, roi_batch_size_per_image=128, num_conv=2, conv_dim=64,
-                           fc_dim=256, templates="short"),
+        head=DetHeadConfig(fpn_channels=64, anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_topk_train=600,
+                           rpn_pre_nms_topk_test=300, rpn_post_nms_topk_train=256, rpn_post_nms_topk_test=100,
+                           roi_batch_size_per_image=128, num_conv=0, fc_dim=256, templates="short"),
         solver=DetSolverConfig(epochs=6, ims_per_batch=8, lr=5e-4, weight_decay=0.05, warmup_iters=50,
                                lr_decay_epochs=[5]),
         num_workers=2,

@@ -85,6 +85,7 @@ def detectron2_config(cfg: DetectionConfig, train_name: str, test_name: str, num
     c.MODEL.ANCHOR_GENERATOR.SIZES = [[size] for size in h.anchor_sizes]
     c.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"][: len(h.anchor_sizes)]
     c.MODEL.RPN.BATCH_SIZE_PER_IMAGE = h.rpn_batch_size_per_image
+    c.MODEL.RPN.PRE_NMS_TOPK_TRAIN, c.MODEL.RPN.PRE_NMS_TOPK_TEST = h.rpn_pre_nms_topk_train, h.rpn_pre_nms_topk_test
     c.MODEL.RPN.POST_NMS_TOPK_TRAIN = h.rpn_post_nms_topk_train
     c.MODEL.RPN.POST_NMS_TOPK_TEST = h.rpn_post_nms_topk_test
     c.MODEL.ROI_HEADS.NAME = "OpenVocabROIHeads"
@@ -275,6 +276,8 @@ def _main(cfg: DetectionConfig, mode: Literal["train", "eval"], resume: bool) ->
     from densevlm.config import save_config
     from densevlm.utils.io import atomic_write_text
 
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     train_name, test_name = register_splits(cfg)
     num_images = training_images(train_name) if mode == "train" else None
     d2cfg = detectron2_config(cfg, train_name, test_name, num_images)
