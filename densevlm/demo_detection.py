@@ -65,34 +65,38 @@ def plot_detection(rows: dict[str, dict[str, float]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def detect_with(cfg: DemoConfig, name: str, model: str, world: Path, fresh: bool = False) -> dict[str, Any]:
+    """Train and evaluate the demo's detector on one backbone, or reuse its result (same config and weights)."""
+    from densevlm.integrations.detectron2.detector import RESULT_FILE, run_detection
+
+    dcfg = copy.deepcopy(cfg.detection)
+    dcfg.output_dir = str(Path(cfg.output_dir) / "detection" / name)
+    dcfg.backbone.model = model
+    dcfg.data.root = str(world)
+    weights_id = _weights_id(model)
+    saved = Path(dcfg.output_dir) / RESULT_FILE
+    if not fresh and saved.is_file():
+        old = read_json(saved)
+        if old.get("config") == to_dict(dcfg) and old.get("backbone_weights_id") == weights_id:
+            print(f"[7] detection ({name}): reusing {dcfg.output_dir}")
+            return old
+    started = time.time()
+    result = run_detection(dcfg, "train")
+    result["backbone_weights_id"] = weights_id
+    atomic_write_json(saved, result)
+    print(f"[7] detection ({name}): {result['max_iter']} iterations + evaluation in {time.time() - started:.0f}s "
+          f"-> {dcfg.output_dir}")
+    return result
+
+
 def run_detection_stage(cfg: DemoConfig, *, fresh: bool = False, from_scratch: bool = False) -> dict[str, Any]:
     """Train and evaluate the toy detector on each backbone; the table, the figure and the summaries."""
-    from densevlm.integrations.detectron2.detector import RESULT_FILE, format_table, run_detection
+    from densevlm.integrations.detectron2.detector import format_table
 
     t0 = time.time()
     out = Path(cfg.output_dir)
     world, backbones = _backbones(cfg, fresh, from_scratch)
-    rows: dict[str, dict[str, Any]] = {}
-    for name in BACKBONES:
-        dcfg = copy.deepcopy(cfg.detection)
-        dcfg.output_dir = str(out / "detection" / name)
-        dcfg.backbone.model = backbones[name]
-        dcfg.data.root = str(world)
-        weights_id = _weights_id(backbones[name])
-        saved = Path(dcfg.output_dir) / RESULT_FILE
-        if not fresh and saved.is_file():
-            old = read_json(saved)
-            if old.get("config") == to_dict(dcfg) and old.get("backbone_weights_id") == weights_id:
-                print(f"[7] detection ({name}): reusing {dcfg.output_dir}")
-                rows[name] = old
-                continue
-        started = time.time()
-        result = run_detection(dcfg, "train")
-        result["backbone_weights_id"] = weights_id
-        atomic_write_json(saved, result)
-        print(f"[7] detection ({name}): {result['max_iter']} iterations + evaluation in {time.time() - started:.0f}s "
-              f"-> {dcfg.output_dir}")
-        rows[name] = result
+    rows = {name: detect_with(cfg, name, backbones[name], world, fresh) for name in BACKBONES}
     metrics = {name: r["metrics"] for name, r in rows.items()}
     seconds = round(time.time() - t0, 1)
     summary = {

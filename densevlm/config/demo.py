@@ -62,6 +62,7 @@ def _demo_detection() -> DetectionConfig:
     cfg.solver.max_iter = 300
     cfg.solver.lr_decay_epochs = []
     cfg.data.max_val_images = 200
+    cfg.threads = 1  # small ops: a second thread gained little on 2 cores and cost 10x when the CPU was busy
     return cfg
 
 

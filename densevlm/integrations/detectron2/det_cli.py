@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import Callable
 
 TRAIN_HELP = ("train the open-vocabulary detector on the base classes (detectron2's DefaultTrainer; frozen backbone), "
@@ -19,7 +20,8 @@ DESCRIPTION = (
 def add_det_args(p: argparse.ArgumentParser, add_config_args: Callable[..., None],
                  fn: Callable[[argparse.Namespace], int]) -> None:
     sub = p.add_subparsers(dest="det_task", metavar="TASK", required=True)
-    t = sub.add_parser("train", help=TRAIN_HELP, description=DESCRIPTION + "\n\nexample: densevlm det train "
+    described = textwrap.fill(DESCRIPTION, 116)
+    t = sub.add_parser("train", help=TRAIN_HELP, description=described + "\n\nexample: densevlm det train "
                        "--config configs/det/toy.yaml --set backbone.model=runs/demo/densevlm",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(t, "the dataclass defaults; see configs/det/",
@@ -27,7 +29,7 @@ def add_det_args(p: argparse.ArgumentParser, add_config_args: Callable[..., None
     t.add_argument("--resume", action="store_true", help="continue from output_dir/last_checkpoint (detectron2's "
                    "resume: model, optimizer, scheduler and iteration)")
     t.set_defaults(fn=fn)
-    e = sub.add_parser("eval", help=EVAL_HELP, description=DESCRIPTION + "\n\nexample: densevlm det eval "
+    e = sub.add_parser("eval", help=EVAL_HELP, description=described + "\n\nexample: densevlm det eval "
                        "--config configs/det/toy.yaml --set weights=runs/det/toy/model_final.pth",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(e, "the dataclass defaults; see configs/det/", example="weights=runs/det/toy/model_final.pth")
