@@ -351,8 +351,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
     p.add_argument("--detection", action="store_true",
                    help="run the detection stage instead (needs detectron2): the toy detector on the base, CLIPSelf "
-                        "and DenseVLM students (their stages reused when finished), AP50 novel/base; about 15 min "
-                        "on 2 CPU cores")
+                        "and DenseVLM students (their stages reused when finished), AP50 novel/base; timed, 3 x 300 "
+                        "detector iterations: long on a CPU (about 5 s per iteration on 2 busy cores)")
     p.add_argument("--from-scratch", action="store_true",
                    help="re-make the student and teacher from the zoo recipes instead of using the shipped zoo "
                    "(about 30 h on 2 CPU cores; the shipped weights are never overwritten)")
