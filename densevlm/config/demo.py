@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from densevlm.config.align import AlignConfig, DenseVLMParams, RegionDataConfig
+from densevlm.config.detection import DetectionConfig, toy_detection_config
 from densevlm.config.evaluation import RegionTextConfig
 from densevlm.config.model import ModelSpec
 from densevlm.config.semseg import SemSegInferenceConfig
@@ -53,6 +54,17 @@ def _demo_densevlm() -> AlignConfig:
         loop=LoopConfig(epochs=1, max_steps=125, batch_size=16, num_workers=2, log_every=10, eval_every=0),
         optim=OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=20),
     )
+
+
+def _demo_detection() -> DetectionConfig:
+    """``--detection``: the toy detector recipe (configs/det/toy.yaml) for a fixed number of iterations on the
+    demo world (its 4000 training images would make 6 epochs too long for a CPU stage), scored on 200 val images."""
+    cfg = toy_detection_config()
+    cfg.solver.max_iter = 300
+    cfg.solver.lr_decay_epochs = []
+    cfg.data.max_val_images = 200
+    cfg.threads = 1  # small ops: a second thread gained little on 2 cores and cost 10x when the CPU was busy
+    return cfg
 
 
 @dataclass
@@ -99,4 +111,5 @@ class DemoConfig:
     semseg: DemoSemSegConfig = field(default_factory=DemoSemSegConfig)
     zoo_build: ZooBuildConfig = field(default_factory=ZooBuildConfig)
     talk2dino: DemoTalk2DINOConfig = field(default_factory=DemoTalk2DINOConfig)  # `densevlm demo --talk2dino`
+    detection: DetectionConfig = field(default_factory=_demo_detection)  # `densevlm demo --detection` only
     grid_images: int = 8  # images in the toy-world contact sheet
