@@ -405,7 +405,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detection", action="store_true",
                    help="run the detection stage instead (needs detectron2): the toy detector on the base, CLIPSelf "
                         "and DenseVLM students (their stages reused when finished), AP50 novel/base; timed, 3 x 300 "
-                        "detector iterations: long on a CPU (about 5 s per iteration on 2 busy cores)")
+                        "detector iterations: about 41 min on 2 quiet CPU cores (2.2 s per iteration)")
     p.add_argument("--from-scratch", action="store_true",
                    help="re-make the student and teacher from the zoo recipes instead of using the shipped zoo "
                    "(about 30 h on 2 CPU cores; the shipped weights are never overwritten)")
