@@ -110,6 +110,17 @@ class ImageSource:
             return img.convert("RGB")
         return load_rgb(self.paths[index])
 
+    def load_or_skip(self, index: int, instead: str) -> Optional[Image.Image]:
+        """Image ``index``; for an unreadable one, None when ``skip_bad_images`` is set (with a warning that says
+        what the caller does ``instead``), else the :class:`ImageReadError` naming the file."""
+        try:
+            return self.load(index)
+        except ImageReadError as err:
+            if not self.cfg.skip_bad_images:
+                raise
+            log.warning("%s; skipped (data.source.skip_bad_images): %s", err, instead)
+            return None
+
 
 def _load_hf(cfg: ImageSourceConfig) -> Any:
     import datasets
