@@ -261,3 +261,43 @@ def test_bf16_training_runs_on_the_cpu_under_autocast(world, monkeypatch):
     assert seen and all(d == torch.bfloat16 for d in seen)
     loss = result.metrics["history"][0]["train"]["loss"]
     assert np.isfinite(loss) and loss > 0
+
+
+def test_lazy_fill_mode_fills_the_cache_in_the_first_epoch_and_reads_it_after(world, monkeypatch):
+    """teacher_cache_missing=fill from an empty folder: epoch 1 runs the teacher and writes every cell of every
+    image; epoch 2 and a later run read the cache; the filled features equal those `cache-teacher` builds."""
+    import densevlm.engine.align as align
+    from densevlm.data.sources import ImageSource
+    from densevlm.engine.align import run_align
+    from densevlm.engine.teacher_cache import open_teacher_cache
+    from densevlm.models import create_backbone
+
+    tmp, base = world["tmp"], world["base"]
+    lazy = tmp / "lazy_cache"
+    cfg = _cfg(base, output_dir=str(tmp / "lazy"), teacher_cache=str(lazy), teacher_cache_missing="fill")
+    cfg.loop.epochs = 2
+    result = run_align(cfg, overwrite=True)
+    online = [h["train"]["teacher_online_images"] for h in result.metrics["history"]]
+    assert online[0] > 0 and online[1] == 0.0, online  # batches of 4: epoch 1 all online, epoch 2 none
+    assert sorted(p.name.split("-")[0] for p in lazy.glob("*.safetensors")) == ["fill"] * len(list(lazy.glob("*.safetensors")))
+
+    student = create_backbone(cfg.student)
+    source = ImageSource(cfg.data.source)
+    cfg_built = _cfg(base, teacher_cache=str(world["cache"]))
+    filled = open_teacher_cache(cfg, source, student)
+    built = open_teacher_cache(cfg_built, source, student)
+    assert filled.missing == 0
+    every_cell = torch.arange(309)
+    for i in range(len(source)):
+        a, _ = filled.lookup(i, every_cell)
+        b, _ = built.lookup(i, every_cell)
+        assert (a.float() - b.float()).abs().max() <= 1e-3
+
+    # A later run on the filled cache needs no teacher, even with the default teacher_cache_missing=error.
+    built_specs = []
+    real = align.create_backbone
+    monkeypatch.setattr(align, "create_backbone", lambda spec, **kw: (built_specs.append(spec.pretrained),
+                                                                      real(spec, **kw))[1])
+    again = run_align(_cfg(base, output_dir=str(tmp / "lazy2"), teacher_cache=str(lazy)), overwrite=True)
+    assert base["teacher"]["pretrained"] not in built_specs
+    assert again.metrics["history"][0]["train"]["teacher_online_images"] == 0.0

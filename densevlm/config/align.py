@@ -69,9 +69,11 @@ class AlignConfig:
     ensemble_alpha: Optional[float] = 0.9  # saved weights = alpha * student + (1 - alpha) * initial
     # DenseVLM: a teacher-target cache folder (`densevlm cache-teacher` writes it). Training then reads the teacher's
     # region features from it and never loads the teacher. Images missing from it are an error, or with
-    # teacher_cache_missing=online the teacher runs for them (counted in the metrics as teacher_online_images).
+    # teacher_cache_missing=online the teacher runs for them (counted in the metrics as teacher_online_images);
+    # =fill is the lazy mode: the folder may be empty, the teacher runs for images not cached yet and their
+    # features are written to the cache, so the first epoch fills it and later epochs (and later runs) read it.
     teacher_cache: Optional[str] = None
-    teacher_cache_missing: Literal["error", "online"] = "error"
+    teacher_cache_missing: Literal["error", "online", "fill"] = "error"
     data: RegionDataConfig = field(default_factory=RegionDataConfig)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional, Sequence
 
 import torch
@@ -10,11 +9,8 @@ from torch.utils.data import Dataset
 
 from densevlm.data.captions import item_rng
 from densevlm.data.grid_boxes import grid_boxes_with_cells, grid_choices
-from densevlm.data.images import ImageReadError
 from densevlm.data.sources import ImageSource
 from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_pad, to_tensor
-
-log = logging.getLogger(__name__)
 
 
 class GridRegionDataset(Dataset):
@@ -26,7 +22,8 @@ class GridRegionDataset(Dataset):
     them; DenseVLM does not), ``crops`` (max_boxes, 3, crop, crop) taken from the original image, zero where a box
     is padding. With a ``teacher_cache`` (a :class:`~densevlm.data.teacher_cache.TeacherCache` opened for this
     source) items also carry ``teacher_features`` (max_boxes, D) float16, the cached teacher region features of the
-    drawn cells (zero for padding), and ``cached`` (whether the image was in the cache).
+    drawn cells (zero for padding), ``cached`` (whether the image was in the cache) and ``size`` (the original
+    width and height, from which an uncached image's cells are computed).
     """
 
     def __init__(self, source: ImageSource, image_size: int, *, grid_style: str = "densevlm", max_split: int = 6,
@@ -39,6 +36,9 @@ class GridRegionDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.teacher_cache is not None:
+            # Lazy cache mode: last epoch's fills are written and read before this epoch's workers copy the cache.
+            self.teacher_cache.sync()
 
     def __len__(self) -> int:
         return len(self.source)
@@ -47,12 +47,8 @@ class GridRegionDataset(Dataset):
         return self.source.image_name(index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            img = self.source.load(index)
-        except ImageReadError as err:
-            if not self.source.cfg.skip_bad_images:
-                raise
-            log.warning("%s; skipped (data.source.skip_bad_images), the next image used instead", err)
+        img = self.source.load_or_skip(index, "the next image used instead")
+        if img is None:
             return self[(index + 1) % len(self)]
         rng = item_rng(self.seed, self.epoch, index)
         canvas, scale = resize_longest_pad(img, self.image_size)
@@ -62,6 +58,7 @@ class GridRegionDataset(Dataset):
                 "index": index}
         if self.teacher_cache is not None:
             item["teacher_features"], item["cached"] = self.teacher_cache.lookup(index, cells)
+            item["size"] = torch.tensor([img.width, img.height])  # for the teacher's cells of an uncached image
         if self.crop_size:
             crops = torch.zeros(self.max_boxes, 3, self.crop_size, self.crop_size)
             for k in range(int(valid.sum())):

@@ -12,6 +12,8 @@ Layout of a cache folder::
     cache.json                  format, the metadata below, shard size, image count
     shard-00000.safetensors     "features" (n, cells, D) float16, rows in the shard's image order;
     shard-00001.safetensors     header metadata: the same metadata and the shard's image keys (JSON)
+    fill-r000-<id>.safetensors  the same, written during training by teacher_cache_missing=fill (the lazy mode:
+                                the first epoch fills the cache, later epochs read it), images in visiting order
     text/                       the teacher's text embeddings of the recipe's vocabulary (a text-embedding cache)
 
 Metadata (checked on use, a mismatch is an error naming each differing field): the teacher's architecture,
@@ -37,7 +39,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from densevlm.data.grid_boxes import all_grid_cells, cell_offsets, grid_choices
-from densevlm.data.images import ImageReadError
 from densevlm.data.sources import ImageSource
 from densevlm.data.transforms import resize_longest_pad, to_tensor
 from densevlm.utils.io import atomic_save, atomic_write_json, read_json
@@ -59,6 +60,14 @@ class TeacherCacheError(ValueError):
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.safetensors"
+
+
+#: Shards built by ``cache-teacher`` (image ranges) and those filled during training (images in visiting order).
+SHARD_PATTERNS = ("shard-*.safetensors", "fill-*.safetensors")
+
+
+def shard_files(root: Path) -> list[Path]:
+    return sorted(p for pattern in SHARD_PATTERNS for p in root.glob(pattern))
 
 
 def cache_metadata(*, teacher_name: str, teacher_weights: str, dense_last_block: str, image_size: int,
@@ -120,12 +129,8 @@ class _CanvasImages(Dataset):
 
     def __getitem__(self, i: int) -> Optional[tuple[torch.Tensor, int, int, int]]:
         index = self.indices[i]
-        try:
-            img = self.source.load(index)
-        except ImageReadError as err:
-            if not self.source.cfg.skip_bad_images:
-                raise
-            log.warning("%s; left out of the teacher cache (data.source.skip_bad_images)", err)
+        img = self.source.load_or_skip(index, "left out of the teacher cache")
+        if img is None:
             return None
         canvas, _ = resize_longest_pad(img, self.size)
         return to_tensor(canvas, self.mean, self.std), img.width, img.height, index
@@ -176,6 +181,21 @@ def _check_manifest(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def write_manifest(root: Path, meta: dict[str, Any], feature_dim: int, shard_size: int, num_images: int) -> None:
+    """Create the cache's manifest, or check an existing one (same metadata) and keep its shard size."""
+    if (root / MANIFEST).exists():
+        manifest = _check_manifest(root, meta)
+        if manifest["shard_size"] != shard_size:
+            raise TeacherCacheError(f"{root / MANIFEST}: built with shard_size {manifest['shard_size']}, asked "
+                                    f"for {shard_size}; resume with the same shard size or use another folder")
+        if manifest.get("num_images") == num_images:
+            return
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta,
+                                        "feature_dim": int(feature_dim), "shard_size": shard_size,
+                                        "num_images": num_images})
+
+
 def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: str | os.PathLike,
                         meta: dict[str, Any], *, shard_size: int = 256, batch_size: int = 8, num_workers: int = 0,
                         accelerator: Any = None, autocast_dtype: Optional[torch.dtype] = None,
@@ -194,15 +214,7 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
     keys = image_keys(source)
     n_shards = math.ceil(len(keys) / shard_size)
     if rank == 0:
-        if (root / MANIFEST).exists():
-            manifest = _check_manifest(root, meta)
-            if manifest["shard_size"] != shard_size:
-                raise TeacherCacheError(f"{root / MANIFEST}: built with shard_size {manifest['shard_size']}, asked "
-                                        f"for {shard_size}; resume with the same shard size or use another folder")
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta,
-                                            "feature_dim": int(teacher.embed_dim), "shard_size": shard_size,
-                                            "num_images": len(keys)})
+        write_manifest(root, meta, int(teacher.embed_dim), shard_size, len(keys))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     _check_manifest(root, meta)
@@ -251,8 +263,7 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
     if accelerator is not None:
         accelerator.wait_for_everyone()
     seconds = time.time() - t0
-    shard_files = sorted(root.glob("shard-*.safetensors"))
-    total_bytes = sum(p.stat().st_size for p in shard_files)
+    total_bytes = sum(p.stat().st_size for p in shard_files(root))
     return {"cache": str(root), "process": f"{rank + 1}/{world}", "images": len(keys), "shards": n_shards, "shards_written_here": written,
             "shards_kept_here": kept, "images_written_here": n_images, "seconds_here": round(seconds, 1),
             "bytes_on_disk": total_bytes, "bytes_per_image": round(total_bytes / max(1, len(keys))),
@@ -266,7 +277,10 @@ class TeacherCache:
     Opening checks the metadata against ``meta`` (the run's) and that every image of ``keys`` (the dataset's,
     see :func:`image_keys`) is cached. Missing images are an error naming how many and the first few, unless
     ``missing="online"``: then :meth:`lookup` flags them (``cached`` False) and the objective runs the teacher for
-    them; :attr:`missing` counts them.
+    them; :attr:`missing` counts them. ``missing="fill"`` is the lazy mode: the same, and the objective hands the
+    features of every cell of those images to :meth:`add`, which writes them as ``fill-*`` shards of
+    ``shard_size`` images; :meth:`sync` (at each epoch's start) writes what is pending and reads every process's
+    new shards, so from the second epoch on the teacher is not run.
     """
 
     def __init__(self, root: str | os.PathLike, meta: dict[str, Any], keys: list[str], *,
@@ -274,36 +288,101 @@ class TeacherCache:
         self.root = Path(root)
         if not (self.root / MANIFEST).is_file():
             raise TeacherCacheError(f"teacher_cache: {self.root} is not a teacher cache (no {MANIFEST}); build one "
-                                    "with `densevlm cache-teacher --config <this recipe>`")
+                                    "with `densevlm cache-teacher --config <this recipe>`, or set "
+                                    "teacher_cache_missing=fill to fill it while training")
         manifest = _check_manifest(self.root, meta)
         self.meta, self.dim, self.cells = meta, int(manifest["feature_dim"]), int(meta["cells_per_image"])
+        self.keys, self.mode, self.fill_size = keys, missing, int(manifest["shard_size"])
         self.shards: list[str] = []
+        self.rows: list[Optional[tuple[int, int]]] = [None] * len(keys)
+        self._handles: dict[int, Any] = {}
+        self._pending: dict[int, torch.Tensor] = {}  # lazy mode: image index -> (cells, D) features to write
+        self.refresh()
+        absent = [k for k, r in zip(keys, self.rows) if r is None]
+        if absent and missing == "error":
+            raise TeacherCacheError(
+                f"teacher cache {self.root}: {len(absent)} of {len(keys)} image(s) of the dataset are not cached, "
+                f"e.g. {', '.join(absent[:5])}; complete it with `densevlm cache-teacher` on this recipe (it resumes), "
+                "or set teacher_cache_missing=online to run the teacher for those images (=fill: and store them)")
+        if absent:
+            log.warning("teacher cache %s lacks %d of %d image(s) (e.g. %s); the teacher runs online for them%s",
+                        self.root, len(absent), len(keys), ", ".join(absent[:3]),
+                        " and they are added to the cache" if missing == "fill" else "")
+
+    @property
+    def missing(self) -> int:
+        """Images of the dataset not (yet) in the cache's shards."""
+        return sum(r is None for r in self.rows)
+
+    def refresh(self) -> int:
+        """Read the shards that appeared since the last look (another process's, or this one's fills); returns
+        how many images they added."""
         where: dict[str, tuple[int, int]] = {}
-        for path in sorted(self.root.glob("shard-*.safetensors")):
+        known = set(self.shards)
+        for path in shard_files(self.root):
+            if str(path) in known:
+                continue
             stored, shard_keys = _shard_header(path)
-            diffs = meta_differences(stored, meta)
+            diffs = meta_differences(stored, self.meta)
             if diffs:
                 raise TeacherCacheError(f"{path}: built for other settings than this run's: " + "; ".join(diffs))
             self.shards.append(str(path))
             for row, key in enumerate(shard_keys):
                 where[key] = (len(self.shards) - 1, row)
-        self.rows: list[Optional[tuple[int, int]]] = [where.get(k) for k in keys]
-        absent = [k for k, r in zip(keys, self.rows) if r is None]
-        self.missing = len(absent)
-        if absent and missing != "online":
-            raise TeacherCacheError(
-                f"teacher cache {self.root}: {len(absent)} of {len(keys)} image(s) of the dataset are not cached, "
-                f"e.g. {', '.join(absent[:5])}; complete it with `densevlm cache-teacher` on this recipe (it resumes), "
-                "or set teacher_cache_missing=online to run the teacher for those images")
-        if absent:
-            log.warning("teacher cache %s lacks %d of %d image(s) (e.g. %s); the teacher runs online for them",
-                        self.root, len(absent), len(keys), ", ".join(absent[:3]))
-        self._handles: dict[int, Any] = {}
+        added = 0
+        for i, key in enumerate(self.keys):
+            if self.rows[i] is None and key in where:
+                self.rows[i] = where[key]
+                added += 1
+        return added
+
+    def add(self, index: int, features: torch.Tensor) -> None:
+        """Lazy mode: queue the (cells, D) unit-norm features of image ``index`` (computed online) for the cache."""
+        if self.mode != "fill" or self.rows[index] is not None or index in self._pending:
+            return
+        if tuple(features.shape) != (self.cells, self.dim):
+            raise TeacherCacheError(f"teacher cache fill: image {self.keys[index]} has features of shape "
+                                    f"{tuple(features.shape)}, the cache stores ({self.cells}, {self.dim})")
+        self._pending[index] = features.detach().to("cpu", DTYPES[self.meta["dtype"]])
+        if len(self._pending) >= self.fill_size:
+            self.flush()
+
+    def flush(self) -> Optional[Path]:
+        """Write the queued features as one ``fill-*`` shard (atomically) and read it; None when nothing is queued."""
+        if not self._pending:
+            return None
+        import uuid
+
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        from safetensors.torch import save_file
+
+        indices = sorted(self._pending)
+        tensor = torch.stack([self._pending[i] for i in indices]).contiguous()
+        header = {"format": FORMAT, "meta": json.dumps(self.meta), "keys": json.dumps([self.keys[i] for i in indices])}
+        path = self.root / f"fill-r{rank:03d}-{uuid.uuid4().hex[:12]}.safetensors"
+        atomic_save(path, lambda p: save_file({FEATURES: tensor}, str(p), metadata=header))
+        self._pending.clear()
+        self.refresh()
+        return path
+
+    def sync(self) -> None:
+        """Lazy mode, on every process at the same point (an epoch's start): write this process's pending
+        features, wait for the others to write theirs, and read all new shards."""
+        if self.mode != "fill":
+            return
+        dist = torch.distributed
+        ready = dist.is_available() and dist.is_initialized()
+        self.flush()
+        if ready:
+            dist.barrier()
+        self.refresh()
 
     def __getstate__(self) -> dict[str, Any]:
-        # File handles do not cross process boundaries (DataLoader workers open their own).
+        # File handles do not cross process boundaries (DataLoader workers open their own), nor do pending fills.
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_pending"] = {}
         return state
 
     def _slice(self, shard: int) -> Any:

@@ -13,7 +13,8 @@ from densevlm.config.align import AlignConfig
 from densevlm.data.regions import GridRegionDataset
 from densevlm.data.sources import ImageSource
 from densevlm.engine.run_dir import prepare_run_dir_once
-from densevlm.engine.teacher_cache import open_teacher_cache, teacher_text_from_cache
+from densevlm.data.teacher_cache import TeacherCache
+from densevlm.engine.teacher_cache import cache_exists, open_teacher_cache, start_teacher_cache, teacher_text_from_cache
 from densevlm.engine.trainer import FitResult, Trainer, resolve_precision
 from densevlm.methods.clipself import CLIPSelfObjective
 from densevlm.methods.densevlm import DenseVLMObjective
@@ -70,10 +71,13 @@ def training_vocabulary(cfg: AlignConfig, student: nn.Module, teacher: Optional[
     return out
 
 
-def build_objective(cfg: AlignConfig, student: nn.Module) -> tuple[Any, nn.Module, dict[str, Any]]:
+def build_objective(cfg: AlignConfig, student: nn.Module, cache: Optional[TeacherCache] = None,
+                    teacher: Optional[nn.Module] = None) -> tuple[Any, nn.Module, dict[str, Any]]:
+    """The method's objective and its teacher (``teacher``: one already built, else built here when needed)."""
     if cfg.method == "densevlm":
-        # With a teacher cache the teacher is not built at all (unless images missing from the cache need it).
-        teacher = create_backbone(cfg.teacher) if cfg.teacher_cache is None else None
+        # With a complete teacher cache the teacher is not built at all; images missing from it need the teacher.
+        if teacher is None and (cache is None or cache.missing):
+            teacher = create_backbone(cfg.teacher)
         voc = training_vocabulary(cfg, student, teacher)
         vocab = voc["vocabulary"]
         precision = resolve_precision(cfg.loop.precision, cfg.loop.cpu)
@@ -81,7 +85,11 @@ def build_objective(cfg: AlignConfig, student: nn.Module) -> tuple[Any, nn.Modul
         objective = DenseVLMObjective(teacher, voc["teacher_text"], voc["student_text"], vocab.thing_mask,
                                       temperature=cfg.densevlm.temperature, threshold=cfg.densevlm.threshold,
                                       teacher_autocast=autocast)
+        if cache is not None and cfg.teacher_cache_missing == "fill":
+            objective.cache_fill = cache
         info = {"vocabulary": vocab.name, "classes": len(vocab), "things": int(vocab.thing_mask.sum())}
+        if cache is not None:
+            info["teacher_cache"] = f"{cfg.teacher_cache} ({len(cache.rows) - cache.missing}/{len(cache.rows)} images)"
         return objective, teacher, info
     teacher = create_backbone(cfg.teacher) if cfg.teacher is not None else copy.deepcopy(student)
     return CLIPSelfObjective(teacher), teacher, {}
@@ -94,8 +102,15 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
     run_dir = prepare_run_dir_once(cfg.output_dir, cfg, cpu=cfg.loop.cpu, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.loop.seed)  # random initialisations (tests, from-scratch runs) are part of the recipe
     student = create_backbone(cfg.student)
+    source = ImageSource(cfg.data.source)
+    cache, teacher = None, None
+    if cfg.teacher_cache is not None:
+        if cfg.teacher_cache_missing == "fill" and not cache_exists(cfg.teacher_cache):
+            teacher = create_backbone(cfg.teacher)  # the lazy mode starts the cache: it needs the feature width
+            start_teacher_cache(cfg, source, student, teacher)
+        cache = open_teacher_cache(cfg, source, student)
     # The teacher is built before freezing: CLIPSelf's teacher is a copy of the initial student.
-    objective, teacher, info = build_objective(cfg, student)
+    objective, teacher, info = build_objective(cfg, student, cache, teacher)
     n_blocks = len(student.visual_blocks())
     unlocked = n_blocks if cfg.unlocked_blocks < 0 else cfg.unlocked_blocks
     freeze_for_dense_tuning(student, unlocked)
@@ -103,15 +118,8 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
     if unused:
         log.info("frozen %d parameter(s) the region path never uses: %s", len(unused), ", ".join(unused[:6]))
 
-    source = ImageSource(cfg.data.source)
     style = cfg.method if cfg.data.grid_style == "auto" else cfg.data.grid_style
     crop = (cfg.data.crop_size or teacher.native_image_size) if cfg.method == "clipself" else None
-    cache = None
-    if cfg.teacher_cache is not None:
-        cache = open_teacher_cache(cfg, source, student)
-        info["teacher_cache"] = f"{cfg.teacher_cache} ({len(source) - cache.missing}/{len(source)} images)"
-        if cache.missing:  # teacher_cache_missing=online: those images need the teacher after all
-            objective.teacher = create_backbone(cfg.teacher)
     dataset = GridRegionDataset(source, cfg.data.image_size, grid_style=style, max_split=cfg.data.max_split,
                                 max_boxes=cfg.data.max_boxes or DEFAULT_MAX_BOXES[cfg.method], crop_size=crop,
                                 mean=student.image_mean, std=student.image_std, seed=cfg.loop.seed,
@@ -125,7 +133,10 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
                               f"{unlocked}/{n_blocks} blocks unlocked {info}")
     # DenseVLM's per-epoch train metrics (metrics.json "history") carry kept_fraction, thing/stuff region counts
     # and empty_batch, the fraction of batches where no region passed the teacher's threshold.
-    return trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
+    result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
+    if cache is not None:
+        cache.flush()  # the lazy mode's last fills: the next run (or epoch, on resume) reads them
+    return result
 
 
 def periodic_region_eval(cfg: AlignConfig) -> Any:

@@ -16,7 +16,8 @@ from torch import nn
 from densevlm.config.align import AlignConfig
 from densevlm.config.core import ConfigError
 from densevlm.data.sources import ImageSource
-from densevlm.data.teacher_cache import TEXT_DIR, TeacherCache, build_teacher_cache, cache_metadata, image_keys
+from densevlm.data.teacher_cache import (MANIFEST, TEXT_DIR, TeacherCache, build_teacher_cache, cache_metadata,
+                                        image_keys, write_manifest)
 from densevlm.models import create_backbone
 from densevlm.models.factory import weights_identity
 
@@ -36,6 +37,16 @@ def recipe_cache_metadata(cfg: AlignConfig, mean: Any, std: Any) -> dict[str, An
     return cache_metadata(teacher_name=name, teacher_weights=weights, dense_last_block=cfg.teacher.dense_last_block,
                           image_size=cfg.data.image_size, grid_style=style, max_split=cfg.data.max_split,
                           mean=mean, std=std)
+
+
+def cache_exists(root: str) -> bool:
+    return (Path(root) / MANIFEST).is_file()
+
+
+def start_teacher_cache(cfg: AlignConfig, source: ImageSource, student: nn.Module, teacher: nn.Module) -> None:
+    """An empty cache for the recipe (its manifest), for the lazy mode (``teacher_cache_missing: fill``)."""
+    meta = recipe_cache_metadata(cfg, student.image_mean, student.image_std)
+    write_manifest(Path(cfg.teacher_cache), meta, int(teacher.embed_dim), SHARD_SIZE, len(source))
 
 
 def open_teacher_cache(cfg: AlignConfig, source: ImageSource, student: nn.Module) -> TeacherCache:

@@ -13,7 +13,8 @@ counted; it never produces NaN.
 
 With a teacher-target cache (:mod:`densevlm.data.teacher_cache`) the batch carries ``teacher_features``, the
 teacher's normalised region features of the drawn cells, and step 1 is a look-up: the teacher is not run (and,
-unless some images are missing from the cache, not even built).
+unless some images are missing from the cache, not even built). In the lazy mode (``teacher_cache_missing:
+fill``) the teacher runs for the images not cached yet and its features of all their cells are added to the cache.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class DenseVLMObjective:
         self.thing_mask = thing_mask.bool()
         self.temperature, self.threshold = temperature, threshold
         self.teacher_autocast = teacher_autocast
+        # teacher_cache_missing=fill: the TeacherCache that uncached images' teacher features are added to.
+        self.cache_fill: Any = None
 
     def prepare(self, device: torch.device) -> None:
         if self.teacher is not None:
@@ -99,11 +102,30 @@ class DenseVLMObjective:
         feats = batch["teacher_features"].float()
         if not bool(cached.all()):
             online = (~cached).nonzero().flatten().tolist()
-            computed = self.teacher_features(images[online], [boxes[i] for i in online])
             feats = feats.clone()
-            for i, part in zip(online, computed.split([len(boxes[i]) for i in online])):
-                feats[i, batch["valid"][i]] = part
+            if self.cache_fill is not None:
+                self._fill(batch, online, feats)
+            else:
+                computed = self.teacher_features(images[online], [boxes[i] for i in online])
+                for i, part in zip(online, computed.split([len(boxes[i]) for i in online])):
+                    feats[i, batch["valid"][i]] = part
         return feats[batch["valid"]], len(images) - int(cached.sum())
+
+    def _fill(self, batch: dict[str, Any], online: list[int], feats: torch.Tensor) -> None:
+        """Lazy cache mode: the teacher's features of every cell of the uncached images, handed to the cache; the
+        drawn cells' rows (the same boxes, bit for bit) go into ``feats``."""
+        from densevlm.data.teacher_cache import cell_features
+
+        if self.teacher is None:
+            raise RuntimeError("DenseVLM objective filling a teacher cache needs the teacher")
+        meta = self.cache_fill.meta
+        sizes = [(int(w), int(h)) for w, h in batch["size"][online].tolist()]
+        full = cell_features(self.teacher, batch["image"][online], sizes, meta["image_size"],
+                             [tuple(c) for c in meta["grid_choices"]], self.teacher_autocast)
+        for j, i in enumerate(online):
+            valid = batch["valid"][i]
+            feats[i, valid] = full[j][batch["cells"][i][valid]]
+            self.cache_fill.add(int(batch["index"][i]), full[j])
 
     def loss_from_logits(self, t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The decoupled KL given teacher and student logits over the vocabulary for the same regions."""
