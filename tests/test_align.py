@@ -186,3 +186,39 @@ def test_bypassing_ddp_as_the_reference_does_desynchronises_ranks(tmp_path):
     """The check above can fail: the reference's pattern (forward on model.module) leaves ranks apart."""
     ranks = _run_two_processes(tmp_path, bypass_ddp=True)
     assert ranks[1]["diffs"][0] > 0.0
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path):
+    """loop.compile: the blocks go through torch.compile (inductor), the run ends where the eager one does, and
+    the saved weights have the same keys."""
+    from safetensors.torch import load_file
+
+    from densevlm.engine.align import run_align
+
+    base = _tiny_cfg(tmp_path, _write_world(tmp_path, n_images=4))
+    base["loop"] = {**base["loop"], "epochs": 1}
+    # A large Adam eps keeps the update a smooth function of the gradient (eps=1e-8 turns a rounding-level gradient
+    # into a full lr step of either sign), so fused kernels' rounding differences stay rounding-sized.
+    base["optim"] = {**base["optim"], "eps": 1e-2}
+    from torch._dynamo.utils import counters
+
+    out, graphs = {}, {}
+    for compiled in (False, True):
+        cfg = from_dict(AlignConfig, {**base, "output_dir": str(tmp_path / f"run_{compiled}")})
+        cfg.loop.compile = compiled
+        before = counters["stats"]["unique_graphs"]
+        result = run_align(cfg)
+        graphs[compiled] = counters["stats"]["unique_graphs"] - before
+        out[compiled] = (result.metrics["history"][0]["train"]["loss"],
+                         load_file(str(Path(cfg.output_dir) / "weights.safetensors")))
+    (loss_e, eager), (loss_c, comp) = out[False], out[True]
+    assert graphs[False] == 0 and graphs[True] > 0  # dynamo captured the blocks only when asked
+    assert eager.keys() == comp.keys()
+    assert abs(loss_e - loss_c) <= 1e-3 * max(1.0, abs(loss_e))
+    torch.manual_seed(0)  # run_align's loop.seed, before it builds the student
+    from densevlm.models import create_backbone
+
+    init = create_backbone(from_dict(AlignConfig, base).student).state_dict_for_export()
+    moved = torch.cat([(eager[k].float() - init[k].float()).flatten() for k in eager]).norm()
+    apart = torch.cat([(eager[k].float() - comp[k].float()).flatten() for k in eager]).norm()
+    assert moved > 0 and apart / moved < 1e-2, (float(apart), float(moved))

@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -77,12 +78,19 @@ def main() -> None:
 
     from densevlm.config import load_config
     from densevlm.config.demo import DemoConfig
+
+    # The stages print their progress; stdout carries the JSON only.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(args, load_config(DemoConfig, args.config, []))
+    print(json.dumps(result, indent=2))
+
+
+def run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     from densevlm.demo import align_configs, eval_stage, models_stage, train_stage, world_stage
     from densevlm.engine.align import run_align
     from densevlm.engine.emulated_bf16 import cpu_has_fast_bf16, emulated_bf16
     from densevlm.models import create_backbone, run_dir_spec
 
-    cfg = load_config(DemoConfig, args.config, [])
     fast, rates = cpu_has_fast_bf16()
     gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     mode = args.mode if args.mode != "auto" else ("native" if fast or gpu else "emulated")
@@ -123,7 +131,7 @@ def main() -> None:
     result["within_bar"] = result["max_abs_delta"] <= args.bar
     if mode == "emulated":
         result["emulation_fidelity"] = emulation_fidelity(cfg.student, dense.data.image_size)
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ the fp32 one (a CPU without native bf16, e.g. AVX2 only) is reported as skipped 
     python tools/bench_train.py --setup real --variants fp32-cache --profile 15   # top ops by self CPU time
     python tools/bench_train.py --setup real --variants fp32-cache --image-size 768 --classes 1203
     python tools/bench_train.py --setup real --variants fp32 fp32-cache --interleave 3 --steps 1   # A/B medians
+    python tools/bench_train.py --setup real --variants fp32-cache --steps 3 --compile   # torch.compile'd blocks
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from densevlm.config.train import OptimConfig
 from densevlm.data.grid_boxes import cell_offsets, grid_boxes_with_cells, grid_choices
 from densevlm.engine.optim import build_optimizer
 from densevlm.engine.step_module import StepModule
+from densevlm.engine.trainer import compile_blocks
 from densevlm.methods.densevlm import DenseVLMObjective
 from densevlm.models import create_backbone, freeze_for_dense_tuning
 
@@ -179,6 +181,7 @@ class Bench:
         if classes:
             self.s["classes"], self.s["things"] = classes, max(1, round(classes * self.s["things"] / self.s["classes"]))
         self.name, self.device = setup, device
+        self.compile = False
         self._teacher = None
         self.peaks: dict[str, dict[str, Any]] = {}
 
@@ -220,6 +223,8 @@ class Bench:
     def student(self) -> torch.nn.Module:
         student = create_backbone(ModelSpec(name=self.s["student"])).to(self.device)
         freeze_for_dense_tuning(student, len(student.visual_blocks()))
+        if self.compile:  # as loop.compile does it: each block through inductor, forward and backward
+            compile_blocks(student)
         return student
 
     def run(self, variant: str, steps: int, profile: int = 0, workers: int = 2, e2e_precision: str = "fp32",
@@ -235,19 +240,25 @@ class Bench:
                         "matmul_peak": peak}
         extra: dict[str, Any] = {}
         if variant == "e2e":
-            batches, extra = self.e2e_batches(steps + 1, workers, e2e_images)
+            batches, extra = self.e2e_batches(steps + 1 + self.compile, workers, e2e_images)
         else:
             if cached:
                 self.drop_teacher()
             batch = {k: v.to(self.device) for k, v in
                      make_batch(self.s["batch"], self.s["image_size"], self.teacher_dim() if cached else None).items()}
-            batches = iter([batch] * (steps + 1))
+            batches = iter([batch] * (steps + 1 + self.compile))
         student = self.student()
         objective = self.objective(student, cached, precision)
         step_model = StepModule(student).train()
         optimizer = build_optimizer(student, OptimConfig(lr=1e-5))
         step = make_step(objective, step_model, optimizer, precision, self.device)
 
+        compile_s = None
+        if self.compile:
+            # Dynamo does not compile under the FLOP counter (a dispatch mode): compile in a step of its own.
+            t_compile = time.perf_counter()
+            step(next(batches), update=False)
+            compile_s = round(time.perf_counter() - t_compile, 1)
         reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -276,6 +287,7 @@ class Bench:
         mem = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else peak_rss()
         result = {
             "variant": variant, "precision": precision, "teacher": "cache" if cached else "online",
+            "compiled_blocks": self.compile, "compile_step_seconds": compile_s,
             "setup": self.name, "student": self.s["student"], "teacher_model": self.s["teacher"],
             "image_size": self.s["image_size"], "batch": self.s["batch"], "classes": self.s["classes"],
             "steps_timed": steps, "first_step_seconds": round(first_s, 3), "step_seconds": round(step_s, 4),
@@ -345,6 +357,8 @@ class Bench:
             batch = make_batch(self.s["batch"], self.s["image_size"], self.teacher_dim() if cached else None)
             fn = make_step(objective, step_model, optimizer, precision, self.device)
             steps_of[v] = (fn, batch)
+            if self.compile:
+                fn(batch, update=False)  # compiles (dynamo does not compile under the FLOP counter)
             with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
                 fn(batch, update=False)  # warm-up, counted
             flops[v] = counter.get_total_flops()
@@ -367,6 +381,7 @@ class Bench:
                       "mfu": round(flops[v] / med / peak["flops_per_second"], 4),
                       "speedup": round(sorted(samples[variants[0]])[rounds // 2] / med, 3)}
         return {"interleaved": variants, "rounds": rounds, "steps_per_round": steps, "setup": self.name,
+                "compiled_blocks": self.compile,
                 "image_size": self.s["image_size"], "batch": self.s["batch"], "results": out}
 
 
@@ -407,6 +422,8 @@ def main() -> None:
                         help="time bf16 variants even where bf16 matmuls are slower than fp32")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the step-only --variants in alternation for ROUNDS rounds (medians, speedups)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each student block (regional; compile time is in first_step_seconds)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -416,12 +433,14 @@ def main() -> None:
     if args.interleave:
         for name in names:
             bench = Bench(name, device, args.image_size, args.classes)
+            bench.compile = args.compile
             results.append(bench.interleaved([v for v in args.variants if v != "e2e"], args.interleave, args.steps))
             results[-1]["matmul_peaks"] = bench.peaks
         names = []
     for name in names:
         bench = Bench(name, device, args.image_size, args.classes)
         bench.force_low_precision = args.force_low_precision
+        bench.compile = args.compile
         # Online variants first, then e2e (its cache build is the teacher's last use), then the cached ones: the
         # teacher is built once and dropped before the variants that must run without it.
         order = sorted(args.variants, key=lambda v: 2 if v.endswith("-cache") else int(v == "e2e"))

@@ -56,6 +56,10 @@ class LoopConfig:
     handle_signals: bool = True
     find_unused_parameters: bool = False
     cpu: bool = False  # force CPU even when an accelerator is present
+    # torch.compile each vision transformer block of the trained model (regional: one compilation serves every
+    # block of a class; the weights, checkpoints and exports are unchanged). Measured on the paper's cached step,
+    # 2 CPU threads: 5 % faster and 14 % less peak memory for a 20-40 s compilation (tools/bench_train.py --compile).
+    compile: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
