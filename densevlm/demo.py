@@ -35,11 +35,19 @@ log = logging.getLogger(__name__)
 
 
 def _stage_done(run_dir: Path, cfg: Any) -> bool:
-    """A training stage is reusable when it finished (weights + metrics) with exactly this config."""
+    """A training stage is reusable when it finished (weights + metrics) with exactly this config.
+
+    The saved config is read back through its class, so a field added to the config since (at its default)
+    does not make a finished stage run again."""
+    from densevlm.config import from_dict
+
     saved = run_dir / CONFIG_FILE
     if not ((run_dir / WEIGHTS_FILE).is_file() and (run_dir / METRICS_FILE).is_file() and saved.is_file()):
         return False
-    return yaml.safe_load(saved.read_text()) == to_dict(cfg)
+    try:
+        return to_dict(from_dict(type(cfg), yaml.safe_load(saved.read_text()))) == to_dict(cfg)
+    except (ValueError, TypeError, KeyError):  # a key this version no longer has: not the same stage
+        return False
 
 
 def world_stage(cfg: DemoConfig, fresh: bool) -> Path:
