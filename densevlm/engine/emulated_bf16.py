@@ -9,10 +9,10 @@ floating inputs and outputs rounded to the nearest bf16 value (round-to-nearest-
 
 The fused attention kernel (the CPU flash kernel ``scaled_dot_product_attention`` runs) is emulated as its bf16
 version computes: scores and softmax statistics in fp32, the unnormalised probabilities rounded to bf16 for the
-product with V, the output rounded; its backward kernel runs in fp32 on rounded inputs, its gradients rounded. Unfused attention (explicit
-``softmax(q kᵀ) v``, the math backend) is two matmuls and is rounded like any other. Elementwise ops that native
+product with V, the output rounded; its backward kernel runs in fp32 on rounded inputs, its gradients rounded.
+Unfused attention (explicit ``softmax(q kᵀ) v``, the math backend) is two matmuls and is rounded like any other. Elementwise ops that native
 autocast runs on bf16 tensors (bias gradients' sums, the ops between two bf16 matmuls) compute on rounded values in
-fp32 here, one rounding less: on the toy students the emulation's per-step error is about 0.65x native bf16's
+fp32 here, one rounding less: on the toy student the emulation's per-step error is 0.67-0.72x native bf16's
 (``tools/bench_bf16_parity.py`` measures and prints the ratio). ``tools/bench_bf16_parity.py`` uses this mode when
 the CPU has no fast bf16 path.
 """
