@@ -14,7 +14,7 @@ from densevlm.data.regions import GridRegionDataset
 from densevlm.data.sources import ImageSource
 from densevlm.engine.run_dir import prepare_run_dir_once
 from densevlm.data.teacher_cache import TeacherCache
-from densevlm.engine.teacher_cache import cache_exists, open_teacher_cache, start_teacher_cache, teacher_text_from_cache
+from densevlm.engine.teacher_cache import cache_exists, open_teacher_cache, teacher_text_from_cache
 from densevlm.engine.trainer import FitResult, Trainer, resolve_precision
 from densevlm.methods.clipself import CLIPSelfObjective
 from densevlm.methods.densevlm import DenseVLMObjective
@@ -46,7 +46,8 @@ def freeze_unused(model: nn.Module, image_size: int) -> list[str]:
     return unused
 
 
-def training_vocabulary(cfg: AlignConfig, student: nn.Module, teacher: Optional[nn.Module]) -> dict[str, Any]:
+def training_vocabulary(cfg: AlignConfig, student: nn.Module, teacher: Optional[nn.Module],
+                        cache: Optional[TeacherCache] = None) -> dict[str, Any]:
     """Student and teacher class embeddings of one training vocabulary, checked to agree class by class.
 
     With a teacher cache and no teacher model, the teacher's text embeddings come from the cache's text folder
@@ -56,9 +57,9 @@ def training_vocabulary(cfg: AlignConfig, student: nn.Module, teacher: Optional[
 
     vocab_s, emb_s = text_embeddings_from_config(student, cfg.student_text)
     out: dict[str, Any] = {"vocabulary": vocab_s, "student_text": emb_s}
-    if teacher is not None or cfg.teacher_cache is not None:
+    if teacher is not None or cache is not None:
         vocab_t, emb_t = (text_embeddings_from_config(teacher, cfg.teacher_text) if teacher is not None
-                          else teacher_text_from_cache(cfg))
+                          else teacher_text_from_cache(cfg, cache))
         # Length, order, names and flags must agree: the KL compares column i of one with column i of the other.
         vocab_t.check_compatible(vocab_s, "teacher and student vocabularies")
         out["teacher_text"] = emb_t
@@ -78,7 +79,7 @@ def build_objective(cfg: AlignConfig, student: nn.Module, cache: Optional[Teache
         # With a complete teacher cache the teacher is not built at all; images missing from it need the teacher.
         if teacher is None and (cache is None or cache.missing):
             teacher = create_backbone(cfg.teacher)
-        voc = training_vocabulary(cfg, student, teacher)
+        voc = training_vocabulary(cfg, student, teacher, cache)
         vocab = voc["vocabulary"]
         precision = resolve_precision(cfg.loop.precision, cfg.loop.cpu)
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -107,8 +108,7 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
     if cfg.teacher_cache is not None:
         if cfg.teacher_cache_missing == "fill" and not cache_exists(cfg.teacher_cache):
             teacher = create_backbone(cfg.teacher)  # the lazy mode starts the cache: it needs the feature width
-            start_teacher_cache(cfg, source, student, teacher)
-        cache = open_teacher_cache(cfg, source, student)
+        cache = open_teacher_cache(cfg, source, student, feature_dim=teacher.embed_dim if teacher else None)
     # The teacher is built before freezing: CLIPSelf's teacher is a copy of the initial student.
     objective, teacher, info = build_objective(cfg, student, cache, teacher)
     n_blocks = len(student.visual_blocks())

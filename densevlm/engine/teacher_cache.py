@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -43,15 +43,16 @@ def cache_exists(root: str) -> bool:
     return (Path(root) / MANIFEST).is_file()
 
 
-def start_teacher_cache(cfg: AlignConfig, source: ImageSource, student: nn.Module, teacher: nn.Module) -> None:
-    """An empty cache for the recipe (its manifest), for the lazy mode (``teacher_cache_missing: fill``)."""
-    meta = recipe_cache_metadata(cfg, student.image_mean, student.image_std)
-    write_manifest(Path(cfg.teacher_cache), meta, int(teacher.embed_dim), SHARD_SIZE, len(source))
+def open_teacher_cache(cfg: AlignConfig, source: ImageSource, student: nn.Module,
+                       feature_dim: Optional[int] = None) -> TeacherCache:
+    """The recipe's cache, checked against the recipe and the dataset (see :class:`TeacherCache`).
 
-
-def open_teacher_cache(cfg: AlignConfig, source: ImageSource, student: nn.Module) -> TeacherCache:
-    """The recipe's cache, checked against the recipe and the dataset (see :class:`TeacherCache`)."""
-    meta = recipe_cache_metadata(cfg, student.image_mean, student.image_std)
+    With ``feature_dim`` (the teacher's, for the lazy mode ``teacher_cache_missing: fill``) a folder without a
+    cache is started empty: its manifest is written first.
+    """
+    meta = recipe_cache_metadata(cfg, student.image_mean, student.image_std)  # hashes the teacher's weights file
+    if feature_dim is not None and not cache_exists(cfg.teacher_cache):
+        write_manifest(Path(cfg.teacher_cache), meta, feature_dim, SHARD_SIZE, len(source))
     return TeacherCache(cfg.teacher_cache, meta, image_keys(source), missing=cfg.teacher_cache_missing)
 
 
@@ -62,8 +63,10 @@ class _Identity:
         self.name, self.weights_id = name, weights_id
 
 
-def teacher_text_from_cache(cfg: AlignConfig) -> tuple[Any, torch.Tensor]:
+def teacher_text_from_cache(cfg: AlignConfig, cache: TeacherCache) -> tuple[Any, torch.Tensor]:
     """The teacher's class embeddings for ``cfg.teacher_text`` without loading the teacher when they are cached.
+
+    The teacher's identity is the one ``cache`` was opened with (its weights file is not hashed again).
 
     Looked up in ``teacher_text.embeddings_path``, else in ``teacher_text.cache_dir`` or the teacher cache's
     ``text/`` folder (``cache-teacher`` fills it for the recipe's vocabulary); on a miss (another vocabulary or
@@ -78,7 +81,8 @@ def teacher_text_from_cache(cfg: AlignConfig) -> tuple[Any, torch.Tensor]:
     vocab = get_vocabulary(tcfg.vocabulary)
     templates = get_templates(tcfg.templates, this_is_prefix=tcfg.this_is_prefix)
     store = TextEmbeddingCache(tcfg.cache_dir or Path(cfg.teacher_cache) / TEXT_DIR)
-    emb = store.lookup(embedding_metadata(_Identity(*weights_identity(cfg.teacher)), vocab, templates))
+    identity = _Identity(cache.meta["teacher"], cache.meta["teacher_weights"])
+    emb = store.lookup(embedding_metadata(identity, vocab, templates))
     if emb is None:
         log.info("teacher text embeddings for vocabulary %s not cached: building the teacher once for them",
                  vocab.name)
