@@ -88,10 +88,14 @@ def main() -> None:
 def run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     from densevlm.demo import align_configs, eval_stage, models_stage, train_stage, world_stage
     from densevlm.engine.align import run_align
-    from densevlm.engine.emulated_bf16 import cpu_has_fast_bf16, emulated_bf16
+    from densevlm.engine.emulated_bf16 import emulated_bf16
     from densevlm.models import create_backbone, run_dir_spec
+    from densevlm.utils.peak import matmul_peak
 
-    fast, rates = cpu_has_fast_bf16()
+    cpu = torch.device("cpu")
+    rates = {name: matmul_peak(cpu, dtype)["flops_per_second"] / 1e9
+             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    fast = rates["bfloat16"] >= 0.5 * rates["float32"]  # the rule bench_train.py skips bf16 variants by
     gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     mode = args.mode if args.mode != "auto" else ("native" if fast or gpu else "emulated")
     out = Path(args.out)

@@ -55,6 +55,7 @@ from densevlm.data.grid_boxes import cell_offsets, grid_boxes_with_cells, grid_c
 from densevlm.engine.optim import build_optimizer
 from densevlm.engine.step_module import StepModule
 from densevlm.engine.trainer import compile_blocks
+from densevlm.utils.peak import matmul_peak, sync
 from densevlm.methods.densevlm import DenseVLMObjective
 from densevlm.models import create_backbone, freeze_for_dense_tuning
 
@@ -85,35 +86,6 @@ def attention_flop_formulas() -> dict[Any, Callable[..., int]]:
         out[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_fwd
         out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_bwd
     return out
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072, 4096),
-                reps: int = 3, max_seconds: float = 2.0) -> dict[str, Any]:
-    """Best FLOP/s over ``reps`` products at each size; larger sizes are skipped once one product takes longer
-    than ``max_seconds`` (slow dtypes)."""
-    best, best_n = 0.0, 0
-    for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        t0 = time.perf_counter()
-        a @ b  # warm-up
-        sync(device)
-        slow = time.perf_counter() - t0 > max_seconds
-        for _ in range(1 if slow else reps):
-            t0 = time.perf_counter()
-            a @ b
-            sync(device)
-            rate = 2 * n**3 / (time.perf_counter() - t0)
-            if rate > best:
-                best, best_n = rate, n
-        if slow:
-            break
-    return {"flops_per_second": round(best), "best_size": best_n}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------------- memory

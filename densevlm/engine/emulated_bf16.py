@@ -114,21 +114,3 @@ def _flash_output_bf16(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     peak = scores.amax(dim=-1, keepdim=True)
     unnormalised = (scores - peak).exp()
     return round_bf16((round_bf16(unnormalised) @ value) / unnormalised.sum(dim=-1, keepdim=True))
-
-
-def cpu_has_fast_bf16(size: int = 512, repeats: int = 3) -> tuple[bool, dict[str, float]]:
-    """Whether a bf16 matmul on this CPU runs at least half as fast as an fp32 one, with both rates (GFLOP/s)."""
-    import time
-
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
-        torch.mm(a, b)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-        rates[str(dtype).removeprefix("torch.")] = 2 * size**3 / best / 1e9
-    return rates["bfloat16"] >= 0.5 * rates["float32"], rates
