@@ -271,3 +271,18 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path):
     assert metrics["history"][0]["nonfinite_skipped"] == 2
     assert math.isfinite(metrics["history"][0]["train"]["loss"])  # the skipped steps' NaN is not averaged in
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_one_process_trains_stages_of_different_precisions(tmp_path):
+    """accelerate keeps one mixed precision per process; the trainer lets a later stage take another (the bf16
+    parity benchmark trains fp32 then bf16 in one process), and the first stage's precision is not leaked."""
+    precisions = []
+    for name, precision in (("a", "no"), ("b", "bf16"), ("c", "no")):
+        cfg = RunCfg()
+        cfg.loop.epochs, cfg.loop.precision = 1, precision
+        run_dir = tmp_path / name
+        prepare_run_dir(run_dir, cfg)
+        trainer = Trainer(model=Net(), objective=MSE(), dataset=Points(), loop=cfg.loop, optim=cfg.optim,
+                          run_dir=run_dir)
+        precisions.append(trainer.accelerator.mixed_precision)
+    assert precisions == ["no", "bf16", "no"]

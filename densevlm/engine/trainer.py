@@ -62,6 +62,21 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def reset_mixed_precision(precision: str) -> None:
+    """Let this process's next Accelerator take ``precision``.
+
+    accelerate keeps one mixed precision per process (``AcceleratorState``) and refuses an Accelerator that asks for
+    another, so a process that trains one stage in fp32 and the next in bf16 (the bf16 parity benchmark, a demo)
+    would fail on the second. The precision part of the state is dropped when it differs; the process group
+    (``PartialState``) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", precision)) != precision:
+        AcceleratorState._reset_state()
+
+
 def resolve_precision(precision: str, cpu: bool) -> str:
     """'auto' picks bf16 where the GPU supports it, fp16 on other GPUs, and full precision on the CPU."""
     if precision != "auto":
@@ -160,8 +175,10 @@ class Trainer:
         self.export_state = export_state or (lambda m: m.state_dict())
         if ensemble_alpha is not None and not 0.0 <= ensemble_alpha <= 1.0:
             raise ValueError(f"ensemble_alpha must be in [0, 1], got {ensemble_alpha}")
+        precision = resolve_precision(loop.precision, loop.cpu)
+        reset_mixed_precision(precision)
         self.accelerator = Accelerator(
-            mixed_precision=resolve_precision(loop.precision, loop.cpu),
+            mixed_precision=precision,
             gradient_accumulation_steps=loop.grad_accum_steps,
             cpu=loop.cpu,
             log_with="tensorboard",
