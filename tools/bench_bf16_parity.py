@@ -16,6 +16,7 @@ relative to native bf16 on one training step of the student (``emulation_fidelit
     python tools/bench_bf16_parity.py                      # the demo world in runs/demo (made if missing)
     python tools/bench_bf16_parity.py --mode native --out runs/bf16_parity_gpu
     python tools/bench_bf16_parity.py --config configs/demo/quick.yaml --out runs/bf16_parity_quick
+    python tools/bench_bf16_parity.py --mode native --set world.workers=12 densevlm.loop.num_workers=8   # a GPU box
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main() -> None:
                         help="how bf16 runs: auto = native where bf16 is fast (GPU, AMX/AVX512-BF16), else emulated")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bar", type=float, default=1.0, help="the largest acceptable |bf16 - fp32| in points")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="demo-config overrides (e.g. world.workers=12 densevlm.loop.num_workers=8)")
+    parser.add_argument("--json-out", default=None, help="also write the JSON to this file (atomically)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,8 +85,13 @@ def main() -> None:
 
     # The stages print their progress; stdout carries the JSON only.
     with contextlib.redirect_stdout(sys.stderr):
-        result = run(args, load_config(DemoConfig, args.config, []))
-    print(json.dumps(result, indent=2))
+        result = run(args, load_config(DemoConfig, args.config, args.set))
+    text = json.dumps(result, indent=2)
+    if args.json_out:
+        from densevlm.utils.io import atomic_write_text
+
+        atomic_write_text(args.json_out, text + "\n")
+    print(text)
 
 
 def run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
@@ -104,7 +113,8 @@ def run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     _, dense = align_configs(cfg, world, specs)
 
     runs = {"fp32": ("no", 0), "fp32-seed1": ("no", 1), f"bf16-{mode}": ("bf16" if mode == "native" else "no", 0)}
-    result: dict[str, Any] = {"recipe": "demo DenseVLM stage", "mode": mode, "cpu_matmul_gflops": rates,
+    result: dict[str, Any] = {"recipe": "demo DenseVLM stage", "mode": mode,
+                              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu_matmul_gflops": rates,
                               "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0], "runs": {}}
     eval_cfg = copy.deepcopy(cfg)
     eval_cfg.output_dir = str(out)

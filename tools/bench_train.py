@@ -32,12 +32,15 @@ the fp32 one (a CPU without native bf16, e.g. AVX2 only) is reported as skipped 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import os
 import json
 import platform
 import random
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -86,6 +89,33 @@ def attention_flop_formulas() -> dict[Any, Callable[..., int]]:
         out[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_fwd
         out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_bwd
     return out
+
+
+def shallow_overrides(model: str, depth: int) -> dict[str, Any]:
+    """``model_overrides`` that cut a model's vision tower to ``depth`` blocks: open_clip ViTs take
+    ``vision_cfg.layers``; a timm trunk (EVA02) gets a registered twin of its timm model with ``depth`` blocks."""
+    import open_clip
+    import timm
+    from timm.models import register_model
+
+    from densevlm.models import register_model_configs
+    from densevlm.models.factory import resolve_model_name
+
+    register_model_configs()
+    vision = open_clip.get_model_config(resolve_model_name(model))["vision_cfg"]
+    trunk = vision.get("timm_model_name")
+    if not trunk:
+        return {"vision_cfg": {"layers": depth}}
+    name = f"{trunk}_bench_depth{depth}"
+    if not timm.is_model(name):
+        def entry(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+                kwargs.pop(key, None)
+            return timm.create_model(trunk, pretrained=False, depth=depth, **kwargs)
+
+        entry.__name__ = entry.__qualname__ = name
+        register_model(entry)
+    return {"vision_cfg": {"timm_model_name": name}}
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -147,19 +177,28 @@ def write_jpegs(folder: Path, n: int, seed: int = 0) -> None:
 class Bench:
     """Builds each model once per process and times variants one after the other."""
 
-    def __init__(self, setup: str, device: torch.device, image_size: Optional[int], classes: Optional[int]) -> None:
+    def __init__(self, setup: str, device: torch.device, image_size: Optional[int], classes: Optional[int],
+                 batch: Optional[int] = None, depth: Optional[int] = None) -> None:
         self.s = dict(SETUPS[setup])
         self.s["image_size"] = image_size or self.s["image_size"]
+        self.s["batch"] = batch or self.s["batch"]
+        # ``depth``: both vision towers cut to that many blocks (a dry run of the script, not a measurement)
+        self.s["depth"] = depth
+        self.overrides = {m: shallow_overrides(self.s[m], depth) if depth else {} for m in ("student", "teacher")}
         if classes:
             self.s["classes"], self.s["things"] = classes, max(1, round(classes * self.s["things"] / self.s["classes"]))
         self.name, self.device = setup, device
         self.compile = False
+        self.warmup = 0
+        self.peak_sizes: Optional[tuple[int, ...]] = None
+        self.force_low_precision = False
         self._teacher = None
         self.peaks: dict[str, dict[str, Any]] = {}
 
     def teacher(self) -> torch.nn.Module:
         if self._teacher is None:
-            self._teacher = create_backbone(ModelSpec(name=self.s["teacher"])).to(self.device)
+            self._teacher = create_backbone(ModelSpec(name=self.s["teacher"], model_overrides=self.overrides["teacher"]))
+            self._teacher = self._teacher.to(self.device)
         return self._teacher
 
     def drop_teacher(self) -> None:
@@ -168,7 +207,8 @@ class Bench:
 
     def peak(self, precision: str) -> dict[str, Any]:
         if precision not in self.peaks:
-            self.peaks[precision] = matmul_peak(self.device, DTYPES[precision])
+            sizes = {"sizes": self.peak_sizes} if self.peak_sizes else {}
+            self.peaks[precision] = matmul_peak(self.device, DTYPES[precision], **sizes)
         return self.peaks[precision]
 
     def objective(self, student: torch.nn.Module, cached: bool, precision: str) -> DenseVLMObjective:
@@ -193,7 +233,7 @@ class Bench:
         return int(open_clip.get_model_config(resolve_model_name(self.s["teacher"]))["embed_dim"])
 
     def student(self) -> torch.nn.Module:
-        student = create_backbone(ModelSpec(name=self.s["student"])).to(self.device)
+        student = create_backbone(ModelSpec(name=self.s["student"], model_overrides=self.overrides["student"])).to(self.device)
         freeze_for_dense_tuning(student, len(student.visual_blocks()))
         if self.compile:  # as loop.compile does it: each block through inductor, forward and backward
             compile_blocks(student)
@@ -212,13 +252,13 @@ class Bench:
                         "matmul_peak": peak}
         extra: dict[str, Any] = {}
         if variant == "e2e":
-            batches, extra = self.e2e_batches(steps + 1 + self.compile, workers, e2e_images)
+            batches, extra = self.e2e_batches(steps + 1 + self.compile + self.warmup, workers, e2e_images)
         else:
             if cached:
                 self.drop_teacher()
             batch = {k: v.to(self.device) for k, v in
                      make_batch(self.s["batch"], self.s["image_size"], self.teacher_dim() if cached else None).items()}
-            batches = iter([batch] * (steps + 1 + self.compile))
+            batches = iter([batch] * (steps + 1 + self.compile + self.warmup))
         student = self.student()
         objective = self.objective(student, cached, precision)
         step_model = StepModule(student).train()
@@ -242,27 +282,31 @@ class Bench:
         flops = counter.get_total_flops()
         attention = sum(v for k, v in counter.get_flop_counts().get("Global", {}).items()
                         if "attention" in str(k))
-        prof = None
+        for _ in range(self.warmup):  # beyond the counted step: allocator, autotuning, loader start-up settle
+            step(next(batches))
         sync(self.device)
-        t0 = time.perf_counter()
-        if profile:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
+        prof, times = None, []
+        with contextlib.ExitStack() as stack:
+            if profile:
+                from torch.profiler import ProfilerActivity, profile as torch_profile
 
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
-                    step(next(batches))
-        else:
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+                prof = stack.enter_context(torch_profile(activities=activities, with_flops=True))
             for _ in range(steps):
+                t0 = time.perf_counter()
                 step(next(batches))
-        sync(self.device)
-        step_s = (time.perf_counter() - t0) / steps
+                sync(self.device)
+                times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times)
         mem = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else peak_rss()
         result = {
             "variant": variant, "precision": precision, "teacher": "cache" if cached else "online",
             "compiled_blocks": self.compile, "compile_step_seconds": compile_s,
             "setup": self.name, "student": self.s["student"], "teacher_model": self.s["teacher"],
             "image_size": self.s["image_size"], "batch": self.s["batch"], "classes": self.s["classes"],
-            "steps_timed": steps, "first_step_seconds": round(first_s, 3), "step_seconds": round(step_s, 4),
+            "depth_override": self.s["depth"], "steps_timed": steps, "warmup_steps": 1 + self.warmup,
+            "first_step_seconds": round(first_s, 3), "step_seconds": round(step_s, 4),
+            "step_seconds_each": [round(t, 4) for t in times],
             "images_per_second": round(self.s["batch"] / step_s, 4), "peak_memory_bytes": int(mem),
             "peak_memory_kind": "cuda max_memory_allocated" if self.device.type == "cuda" else "process peak RSS "
                                 "(VmHWM, reset before the variant)",
@@ -271,12 +315,7 @@ class Bench:
             "mfu": round(flops / step_s / peak["flops_per_second"], 4), **extra,
         }
         if prof is not None:
-            table = prof.key_averages()
-            total = sum(e.self_cpu_time_total for e in table) or 1
-            top = sorted(table, key=lambda e: -e.self_cpu_time_total)[:profile]
-            result["profile_top_self_cpu"] = [
-                {"op": e.key, "self_cpu_fraction": round(e.self_cpu_time_total / total, 4), "calls": e.count // steps}
-                for e in top]
+            result.update(profile_summary(prof, profile, steps, self.device, step_s))
         del student, objective, optimizer, step_model, batches
         gc.collect()
         if "e2e" in extra:  # the generated JPEGs and their cache
@@ -307,7 +346,9 @@ class Bench:
         cache = TeacherCache(tmp / "cache", meta, image_keys(source))
         ds = GridRegionDataset(source, self.s["image_size"], max_boxes=36, teacher_cache=cache)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.s["batch"], sampler=EpochSampler(len(ds), 0),
-                                             drop_last=True, num_workers=workers)
+                                             drop_last=True, num_workers=workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             prefetch_factor=4 if workers else None)
         extra = {"e2e": {"images": n_images, "jpeg_size": [640, 480], "workers": workers,
                          "cache_bytes_per_image": summary["bytes_per_image"],
                          "cache_cells_per_image": summary["cells_per_image"],
@@ -357,6 +398,37 @@ class Bench:
                 "image_size": self.s["image_size"], "batch": self.s["batch"], "results": out}
 
 
+def profile_summary(prof: Any, top: int, steps: int, device: torch.device, step_s: float) -> dict[str, Any]:
+    """The top ops of the timed steps by self time: CPU time on the CPU; on CUDA the kernels by device time, with
+    their share of the kernels' total, and how much of the step the GPU was busy (the rest is launch/host time)."""
+    table = prof.key_averages()
+    if device.type != "cuda":
+        total = sum(e.self_cpu_time_total for e in table) or 1
+        rows = sorted(table, key=lambda e: -e.self_cpu_time_total)[:top]
+        return {"profile_top_self_cpu": [
+            {"op": e.key, "self_cpu_fraction": round(e.self_cpu_time_total / total, 4), "calls": e.count // steps}
+            for e in rows]}
+
+    def dev_time(e: Any) -> float:  # torch renamed cuda -> device in its profiler events
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    # Matrix-product ops with their FLOPs (profiled with_flops): achieved TFLOP/s over their device time.
+    ops = sorted((e for e in table if getattr(e, "flops", 0) and (getattr(e, "device_time_total", 0)
+                  or getattr(e, "cuda_time_total", 0))), key=lambda e: -e.flops)[:top]
+    op_rates = [{"op": e.key, "tflop_per_step": round(e.flops / steps / 1e12, 3),
+                 "achieved_tflops": round(e.flops / ((getattr(e, "device_time_total", 0)
+                                                      or getattr(e, "cuda_time_total", 0)) * 1e-6) / 1e12, 1)}
+                for e in ops]
+    kernels = [e for e in table if dev_time(e) > 0]
+    total = sum(dev_time(e) for e in kernels) or 1.0  # microseconds over the timed steps
+    rows = sorted(kernels, key=lambda e: -dev_time(e))[:top]
+    return {"gpu_busy_fraction_of_step": round(total / 1e6 / steps / step_s, 4), "profile_matmul_ops": op_rates,
+            "profile_top_kernels": [
+                {"kernel": e.key[:120], "device_fraction": round(dev_time(e) / total, 4),
+                 "ms_per_step": round(dev_time(e) / 1e3 / steps, 3), "calls_per_step": e.count // steps}
+                for e in rows]}
+
+
 def make_step(objective: DenseVLMObjective, step_model: torch.nn.Module, optimizer: Any, precision: str,
               device: torch.device) -> Callable[..., None]:
     """One training step: objective (student forward under autocast, as accelerate's prepared model runs it),
@@ -384,7 +456,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one counted warm-up)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2, help="data-loader workers of the e2e variant")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-loader workers of the e2e variant (default: every core on CUDA, else 2)")
+    parser.add_argument("--batch", type=int, default=None, help="override the setup's batch (per device)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the counted warm-up step")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="cut both vision towers to N blocks (dry runs of the script; not a measurement)")
+    parser.add_argument("--json-out", default=None, help="also write the JSON to this file (atomically)")
+    parser.add_argument("--peak-sizes", type=int, nargs="+", default=None,
+                        help="matrix sizes of the matmul-peak probe (default: 1024-4096 on CPU, 4096/8192 on CUDA)")
     parser.add_argument("--e2e-precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--e2e-images", type=int, default=0, help="generated JPEGs (default: enough for the steps)")
     parser.add_argument("--image-size", type=int, default=None, help="override the setup's image size")
@@ -400,17 +480,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.workers is None:
+        args.workers = (os.cpu_count() or 2) if device.type == "cuda" else 2
     names = ["toy", "real"] if args.setup == "all" else [args.setup]
     results = []
     if args.interleave:
         for name in names:
-            bench = Bench(name, device, args.image_size, args.classes)
+            bench = Bench(name, device, args.image_size, args.classes, args.batch, args.depth)
             bench.compile = args.compile
             results.append(bench.interleaved([v for v in args.variants if v != "e2e"], args.interleave, args.steps))
             results[-1]["matmul_peaks"] = bench.peaks
         names = []
     for name in names:
-        bench = Bench(name, device, args.image_size, args.classes)
+        bench = Bench(name, device, args.image_size, args.classes, args.batch, args.depth)
+        bench.warmup = args.warmup
+        bench.peak_sizes = tuple(args.peak_sizes) if args.peak_sizes else None
         bench.force_low_precision = args.force_low_precision
         bench.compile = args.compile
         # Online variants first, then e2e (its cache build is the teacher's last use), then the cached ones: the
@@ -420,8 +504,15 @@ def main() -> None:
             results.append(bench.run(v, args.steps, args.profile, args.workers, args.e2e_precision, args.e2e_images))
             print(json.dumps(results[-1]), flush=True, file=sys.stderr)
         results.append({"setup": name, "matmul_peaks": bench.peaks})
-    print(json.dumps({"device": str(device), "threads": args.threads, "torch": torch.__version__,
-                      "machine": platform.machine(), "results": results}, indent=2))
+    out = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+           platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+           "machine": platform.machine(), "results": results}
+    text = json.dumps(out, indent=2)
+    if args.json_out:
+        from densevlm.utils.io import atomic_write_text
+
+        atomic_write_text(Path(args.json_out), text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
