@@ -1,8 +1,15 @@
 """Worker for tests/test_preemption.py: a small model with dropout trained by the one Trainer, killed from outside.
 
-``python preempt_worker.py RUN_DIR [--resume] [--sleep S]`` (also under ``torch.distributed.run``). Prints
-``step N`` after every optimiser step (rank 0) so the test knows where training is; every rank writes
-``RUN_DIR/../<name>.rank<r>.json`` when it is preempted, and exits with the trainer's preemption code.
+``python preempt_worker.py RUN_DIR [--resume] [--sleep S] [--device cpu|cuda]`` (also under
+``torch.distributed.run``). Prints ``step N`` after every optimiser step (rank 0) so the test knows where training
+is; every rank writes ``RUN_DIR/../<name>.rank<r>.json`` when it is preempted, and exits with the trainer's
+preemption code.
+
+Without ``--device`` it trains on the CPU (tests/test_preemption.py). With it (tests/test_cuda.py) it trains on
+that device, writes ``RUN_DIR/../<name>.rank<r>.device`` (the device and the process group's backend it ran on),
+and on several processes joins a gloo process group: NCCL refuses two ranks on one GPU, and gloo is what the CPU
+runs use, so both processes can share the single GPU of the test machine (each started with LOCAL_RANK=0 and that
+one GPU visible, see tests/test_preemption.py::single_device_env).
 """
 
 from __future__ import annotations
@@ -73,9 +80,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to wait after each step")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="train there (default: the CPU)")
     args = ap.parse_args(argv)
     cfg = RunCfg()
-    run_dir = prepare_run_dir_once(args.run_dir, cfg, cpu=True, resume=args.resume)
+    cfg.loop.cpu = args.device in (None, "cpu")
+    if args.device is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=cfg.loop.cpu, backend="gloo")  # before the run directory's and the trainer's states
+    run_dir = prepare_run_dir_once(args.run_dir, cfg, cpu=cfg.loop.cpu, resume=args.resume)
     torch.manual_seed(0)
     model = DropNet()
     rank = int(os.environ.get("RANK", "0"))
@@ -88,6 +101,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     trainer = Trainer(model=model, objective=MSE(), dataset=Points(), loop=cfg.loop, optim=cfg.optim,
                       run_dir=run_dir, ensemble_alpha=0.5, on_step=on_step)
     print(f"pid {os.getpid()} rank {rank}", flush=True)
+    if args.device is not None:
+        import torch.distributed as dist
+
+        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+        Path(args.run_dir).parent.joinpath(f"{Path(args.run_dir).name}.rank{rank}.device").write_text(
+            json.dumps({"device": str(trainer.accelerator.device), "backend": backend,
+                        "processes": trainer.accelerator.num_processes}))
     try:
         trainer.fit(resume=args.resume)
     except TrainingPreempted as err:

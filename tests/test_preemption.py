@@ -38,16 +38,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(run_dir: Path, nproc: int, resume: bool = False, sleep: float = 0.0, stdout=subprocess.PIPE
-           ) -> list[subprocess.Popen]:
+def single_device_env(rank: int, nproc: int, port: int, device: str) -> dict[str, str]:
+    """The environment of process ``rank`` of ``nproc`` that all train on ONE device (tests/test_cuda.py).
+
+    Every process is started as the only one of its own node: LOCAL_RANK=0 and, on a GPU, only the test's one GPU
+    visible (the first of CUDA_VISIBLE_DEVICES). accelerate then puts every rank on cuda:0 and gives DDP
+    ``device_ids=[0]``, as on a job of ``nproc`` nodes with one GPU each; with LOCAL_RANK=rank, rank 1 would ask for
+    cuda:1. The workers join a gloo process group themselves (NCCL refuses two ranks on one GPU). The inherited
+    PYTHONPATH is kept behind the repository (the GPU machine installs some packages there). On the CPU (the dry
+    run) the same topology runs on gloo as every CPU run does.
+    """
+    inherited = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([inherited] if inherited else []))}
+    if nproc > 1:
+        env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE="1", GROUP_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+    return env
+
+
+def _start(run_dir: Path, nproc: int, resume: bool = False, sleep: float = 0.0, stdout=subprocess.PIPE,
+           device: Optional[str] = None) -> list[subprocess.Popen]:
     """The worker on ``nproc`` processes, started directly with the env:// variables ``torchrun`` would set
-    (without its agent process, which costs one more torch import)."""
+    (without its agent process, which costs one more torch import). With ``device`` (tests/test_cuda.py) the
+    processes all train on that one device (:func:`single_device_env`)."""
     cmd = [sys.executable, str(WORKER), str(run_dir), "--sleep", str(sleep)] + (["--resume"] if resume else [])
+    if device is not None:
+        cmd += ["--device", device]
     port = _free_port()
     procs = []
     for rank in range(nproc):
         env = dict(ENV)
-        if nproc > 1:
+        if device is not None:
+            env = single_device_env(rank, nproc, port, device)
+        elif nproc > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         err = open(run_dir.parent / f"{run_dir.name}.{'resume' if resume else 'run'}{rank}.stderr", "w")
@@ -61,16 +87,16 @@ def _stderr(run_dir: Path) -> str:
     return "".join(p.read_text()[-2000:] for p in sorted(run_dir.parent.glob(f"{run_dir.name}.*.stderr")))
 
 
-def _run(run_dir: Path, nproc: int = 1, resume: bool = False) -> str:
+def _run(run_dir: Path, nproc: int = 1, resume: bool = False, device: Optional[str] = None) -> str:
     """Run to the end; rank 0's stdout."""
-    procs = _start(run_dir, nproc, resume)
+    procs = _start(run_dir, nproc, resume, device=device)
     out = procs[0].communicate(timeout=240)[0]
     codes = [p.wait(timeout=60) for p in procs]
     assert codes == [0] * nproc, out[-2000:] + _stderr(run_dir)
     return out
 
 
-def _run_here(run_dir: Path, resume: bool = False) -> None:
+def _run_here(run_dir: Path, resume: bool = False, device: Optional[str] = None) -> None:
     """One process, run in this one with the subprocesses' single thread (same numbers, no start-up cost)."""
     sys.path.insert(0, str(WORKER.parent))
     import preempt_worker
@@ -78,17 +104,18 @@ def _run_here(run_dir: Path, resume: bool = False) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert preempt_worker.main([str(run_dir)] + (["--resume"] if resume else [])) == 0
+        assert preempt_worker.main([str(run_dir)] + (["--resume"] if resume else [])
+                                   + (["--device", device] if device is not None else [])) == 0
     finally:
         torch.set_num_threads(threads)
         sys.path.remove(str(WORKER.parent))
 
 
-def _interrupt(run_dir: Path, sig: int, at_step: int, nproc: int = 1, target_rank: Optional[int] = None
-               ) -> tuple[list[int], int]:
+def _interrupt(run_dir: Path, sig: int, at_step: int, nproc: int = 1, target_rank: Optional[int] = None,
+               device: Optional[str] = None) -> tuple[list[int], int]:
     """Start a run and send ``sig`` once rank 0 reports ``at_step``, to ``target_rank``'s process or (None) to
     every process group; return (exit codes, last step reported)."""
-    procs = _start(run_dir, nproc, sleep=0.05)
+    procs = _start(run_dir, nproc, sleep=0.05, device=device)
     last, lines = 0, []
     try:
         assert procs[0].stdout is not None

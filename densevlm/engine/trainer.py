@@ -346,6 +346,7 @@ class Trainer:
                   f"({steps_per_epoch}/epoch, {acc.num_processes} process(es), precision {acc.mixed_precision})")
         grad_params = [p for p in self.model.parameters() if p.requires_grad]
         skipped_total = sum(r.get("nonfinite_skipped", 0) for r in history)
+        amp_skipped_total = sum(r.get("amp_overflow_skipped", 0) for r in history)
 
         def save(reason: str, epoch: int, batches_done: int, complete: bool, partial_now: dict) -> Optional[Path]:
             rngs = self._gather_rng()  # collective: every rank
@@ -389,6 +390,7 @@ class Trainer:
                 epoch_sums: dict[str, float] = dict(partial.get("epoch_sums", {}))
                 epoch_n = partial.get("epoch_n", 0)
                 epoch_skipped = partial.get("skipped", 0)
+                epoch_amp_skipped = partial.get("amp_skipped", 0)
                 skip_batches, partial = 0, {}
                 epoch_steps = min(steps_per_epoch, total_steps - (global_step - batches_done // loop.grad_accum_steps))
                 bar = tqdm(total=epoch_steps, initial=batches_done // loop.grad_accum_steps,
@@ -399,7 +401,7 @@ class Trainer:
 
                 def partial_state() -> dict[str, Any]:
                     return {"running": running, "n_running": n_running, "epoch_sums": epoch_sums,
-                            "epoch_n": epoch_n, "skipped": epoch_skipped}
+                            "epoch_n": epoch_n, "skipped": epoch_skipped, "amp_skipped": epoch_amp_skipped}
 
                 for batch in epoch_loader:
                     if pending_rng is not None:
@@ -443,7 +445,16 @@ class Trainer:
                                       f"({epoch_skipped} this epoch)")
                             acc.log({"train/nonfinite_skipped": skipped_total + epoch_skipped}, step=global_step + 1)
                         else:
+                            scale = acc.scaler.get_scale() if acc.scaler is not None else None
                             optimizer.step()
+                            # fp16: finite loss, overflowing scaled gradients; the scaler skipped the update and
+                            # lowered its scale (routine in a run's first steps). Counted apart from the non-finite
+                            # losses: the loss is real and stays in the averages. Read from the scale, not from
+                            # accelerate's step_was_skipped, which misses the skips of fused optimisers (ours).
+                            if scale is not None and acc.scaler.get_scale() < scale:
+                                epoch_amp_skipped += 1
+                                acc.log({"train/amp_overflow_skipped": amp_skipped_total + epoch_amp_skipped},
+                                        step=global_step + 1)
                             for m in pending:
                                 for k, v in m.items():
                                     running[k] = running.get(k, 0.0) + v
@@ -486,6 +497,9 @@ class Trainer:
                 if epoch_skipped:
                     record["nonfinite_skipped"] = epoch_skipped
                     skipped_total += epoch_skipped
+                if epoch_amp_skipped:
+                    record["amp_overflow_skipped"] = epoch_amp_skipped
+                    amp_skipped_total += epoch_amp_skipped
                 if acc.is_main_process and self.evaluate is not None and (
                     last_epoch or (loop.eval_every and (epoch + 1) % loop.eval_every == 0)
                 ):
@@ -507,6 +521,8 @@ class Trainer:
                                    "train_seconds": round(time.time() - t0, 2)}
         if skipped_total:
             metrics["nonfinite_skipped"] = skipped_total
+        if amp_skipped_total:
+            metrics["amp_overflow_skipped"] = amp_skipped_total
         if history and "eval" in history[-1]:
             metrics["final"] = history[-1]["eval"]
         if acc.is_main_process:
