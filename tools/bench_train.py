@@ -311,6 +311,9 @@ class Bench:
             "peak_memory_kind": "cuda max_memory_allocated" if self.device.type == "cuda" else "process peak RSS "
                                 "(VmHWM, reset before the variant)",
             "model_flops_per_step": int(flops), "attention_flops_per_step": int(attention),
+            # what DDP all-reduces every step: one gradient per trainable parameter, in the parameter's dtype
+            "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+            "grad_bytes_per_step": sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad),
             "achieved_flops_per_second": round(flops / step_s), "matmul_peak": peak,
             "mfu": round(flops / step_s / peak["flops_per_second"], 4), **extra,
         }

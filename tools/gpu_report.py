@@ -11,6 +11,9 @@ Inputs (each optional; a missing one is reported as missing, never guessed): ``e
 The targets are issue 25's: the cached bf16 step at >= 4x the reference's images/s and >= 300 images/s per GPU at
 512 px; the online-teacher bf16 step at >= 1.5x the reference; end to end (data loader) within 10 % of the
 step-only cached step of the same precision; bf16 within 1 point of fp32 on every top-1 key.
+
+It also projects a COCO epoch on 8 and 64 GPUs from the one GPU's cached bf16 step and the all-reduce volume it
+measured (trainable parameters x bytes), at the bus bandwidths in ``BUS_BANDWIDTH`` (assumed, not measured).
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Optional
+
+#: COCO train2017, the reference recipe's training set.
+COCO_TRAIN_IMAGES = 118_287
+#: Assumed all-reduce bus bandwidth per GPU (bytes/s), as NCCL's all_reduce_perf reports it ("busbw"): one HGX
+#: node of 8 H200 over NVLink 4 (900 GB/s bidirectional per GPU; ~360 GB/s busbw is typical), and 8 such nodes
+#: over InfiniBand NDR, one 400 Gb/s NIC per GPU (50 GB/s; ~45 GB/s busbw), where the inter-node ring bounds it.
+BUS_BANDWIDTH = {8: 360e9, 64: 45e9}
 
 TARGETS = {"cache_vs_reference": 4.0, "cache_images_per_second": 300.0, "online_vs_reference": 1.5,
            "e2e_within": 0.10, "parity_points": 1.0}
@@ -69,6 +79,28 @@ def target(name: str, measured: Optional[float], bar: float, higher: bool, text:
     met = None if measured is None else (measured >= bar if higher else measured <= bar)
     return {"target": name, "measured": None if measured is None else round(measured, 3), "bar": bar,
             "met": met, "text": text}
+
+
+def projection(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """COCO epoch time on 8 and 64 GPUs from one GPU's measured step (``run``: a bench_train result).
+
+    Per step every GPU all-reduces ``grad_bytes_per_step``; a ring all-reduce moves 2 (n - 1) / n of it per GPU,
+    which takes ``volume / busbw`` at the bus bandwidth NCCL reports. DDP overlaps it with the backward pass, so a
+    step takes between max(compute, comm) (full overlap) and compute + comm (none). Data loading is taken as
+    hidden (the e2e variant measures whether it is, on one GPU). Nothing here is measured on several GPUs."""
+    step = run["step_seconds"]
+    volume = run.get("grad_bytes_per_step")
+    out = []
+    for gpus, busbw in BUS_BANDWIDTH.items():
+        comm = 2 * (gpus - 1) / gpus * volume / busbw if volume else None
+        row = {"gpus": gpus, "per_gpu_batch": run["batch"], "bus_bandwidth_gb_s": busbw / 1e9,
+               "allreduce_bytes_per_step": volume, "comm_seconds_per_step": comm, "compute_seconds_per_step": step}
+        for name, t in (("overlap", max(step, comm or 0.0)), ("no_overlap", step + (comm or 0.0))):
+            ips = gpus * run["batch"] / t
+            row[f"images_per_second_{name}"] = ips
+            row[f"epoch_minutes_{name}"] = COCO_TRAIN_IMAGES / ips / 60
+        out.append(row)
+    return out
 
 
 def summarise(folder: Path, failed: list[str]) -> dict[str, Any]:
@@ -127,6 +159,9 @@ def summarise(folder: Path, failed: list[str]) -> dict[str, Any]:
                 "mode", "device", "bf16_minus_fp32", "fp32_seed1_minus_seed0", "max_abs_delta",
                 "max_abs_seed_spread", "within_bar")},
             "profile": top, "targets": targets, "failed_steps": failed,
+            "projection": {"variant": "bf16-cache", "coco_images": COCO_TRAIN_IMAGES,
+                           "measured_images_per_second_per_gpu": cache_ips,
+                           "rows": projection(runs["bf16-cache"]) if "bf16-cache" in runs else []},
             "missing": [f for f in ("env.json", "cuda_tests.xml", "bench.json", "profile.json", "reference.json",
                                     "parity.json") if not (folder / f).is_file()]}
 
@@ -161,6 +196,19 @@ def render(s: dict[str, Any]) -> str:
             kernels = p.get("profile_top_kernels") or []
             lines.append(f"profile {variant}: GPU busy {fmt(p.get('gpu_busy_fraction_of_step'), '.0%')} of the step; "
                          + "; ".join(f"{k['kernel'][:40]} {k['device_fraction']:.0%}" for k in kernels[:4]))
+    proj = s["projection"]["rows"]
+    if proj:
+        lines.append("")
+        volume = proj[0]["allreduce_bytes_per_step"]
+        lines.append(f"projected COCO epoch (bf16, cached teacher; measured "
+                     f"{s['projection']['measured_images_per_second_per_gpu']:.1f} img/s on one GPU; all-reduce "
+                     f"{fmt(volume and volume / 1e6, '.0f')} MB/step):")
+        for r in proj:
+            comm = r["comm_seconds_per_step"]
+            lines.append(f"  {r['gpus']:>2} GPUs at {r['bus_bandwidth_gb_s']:.0f} GB/s busbw: comm "
+                         f"{fmt(comm and comm * 1e3, '.1f')} ms vs compute {r['compute_seconds_per_step'] * 1e3:.1f} ms"
+                         f" per step -> {r['epoch_minutes_overlap']:.2f} min/epoch (overlapped) .. "
+                         f"{r['epoch_minutes_no_overlap']:.2f} (not)")
     lines.append("")
     for tg in s["targets"]:
         mark = {True: "met   ", False: "MISSED", None: "n/a   "}[tg["met"]]
