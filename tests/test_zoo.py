@@ -231,6 +231,7 @@ def test_zoo_build_and_publish_never_touch_the_shipped_zoo(tmp_path):
     for name, row in manifest["models"].items():
         assert "densevlm " in row["command"] and row["steps"] >= 1
         assert "regions.maskpool.stuff.macc1" in row["metrics"]
+        assert {"rois.thing.macc1", "maskpool.stuff.macc1", "images"} <= set(row["quality_subset"])
     assert "zeroshot.thing.top1" in manifest["models"]["toy-student"]["metrics"]
     assert manifest["models"]["toy-teacher-clipself"]["base"] == "toy-teacher"
 
@@ -247,3 +248,26 @@ def test_learning_curves_tool_draws_the_shipped_curves(tmp_path):
     last = report["curves"]["toy-teacher"][-1]
     assert last["zeroshot.thing.top1"] == zoo.get_entry("toy-teacher").info["metrics"]["zeroshot.thing.top1"]
     assert out.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def subset_world(tmp_path_factory) -> Path:
+    from densevlm.zoo.quality import subset_world
+
+    return subset_world(tmp_path_factory.mktemp("zoo_subset") / "world", REPO / "configs/toyworld/zoo.yaml",
+                        workers=2)
+
+
+@pytest.mark.parametrize("name", ["toy-student", "toy-teacher-clipself"])
+def test_shipped_quality_on_the_first_toy_val_images_matches_the_manifest(subset_world, tmp_path, name):
+    """The shipped student and DenseVLM teacher, re-measured (reference region protocol, 192 px, first 100 toy-val
+    images), stay within 2 points of what the manifest recorded for that subset: weights, loader, dense path and
+    evaluator together still give the published model."""
+    from densevlm.zoo.quality import SUBSET_IMAGES, SUBSET_KEYS, subset_quality
+
+    recorded = zoo.get_entry(name).info["quality_subset"]
+    assert recorded["images"] == SUBSET_IMAGES and recorded["image_size"] == 192
+    got = subset_quality(name, subset_world, tmp_path / "eval", device="cpu")
+    for key in SUBSET_KEYS:
+        assert abs(got[key] - recorded[key]) <= 2.0, (name, key, got[key], recorded[key])
+    assert len(json.loads((subset_world / "annotations/panoptic_val.json").read_text())["images"]) == SUBSET_IMAGES

@@ -186,14 +186,20 @@ def build_zoo(
         _wait({f"eval {r.name}": _run(cmd, None)}, {})
         regions[r.name] = read_json(out_dir / "regions.json")["metrics"]
 
+    # The same keys on the first images of toy val: what tests/test_zoo.py re-measures on the shipped weights.
+    from densevlm.zoo.quality import subset_quality
+
+    subset = {r.name: subset_quality(runs[r.name], p["world"], root / "eval_subset" / r.name, num_workers=workers)
+              for r in RECIPES}
     result: dict[str, Any] = {}
     hardware = _hardware()
     for r in RECIPES:
         hw = hardware + (" (pre-trainings side by side)" if parallel and r.command == "pretrain" else "")
         result[r.name] = {
             "run_dir": str(runs[r.name]),
-            "info": provenance(r, read_json(runs[r.name] / "metrics.json"), regions[r.name], hw,
-                               " && ".join(commands[r.name]), world_overrides),
+            "info": {**provenance(r, read_json(runs[r.name] / "metrics.json"), regions[r.name], hw,
+                                  " && ".join(commands[r.name]), world_overrides),
+                     "quality_subset": subset[r.name]},
         }
     (root / "build.json").write_text(json.dumps(result, indent=2) + "\n")
     if publish_dir is not None:
