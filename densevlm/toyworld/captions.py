@@ -4,6 +4,10 @@ A caption names the largest thing and the largest stuff with probability ``menti
 every other present category with probability 1/2; it may use a synonym instead of the name, a colour, a
 size word and the exact count ("two red boats on the water under a blue sky", "a photo of a small kite and
 a tree.", "grass, a cow and a person"). It never names a category that is not visible in the image.
+
+Object-centric close-ups (:mod:`densevlm.toyworld.closeup`) get web alt-text captions instead, from the template
+lists at the end of this module ("a photo of a kite", "close-up of brick wall", "kite", "a kite in the sky"):
+they always name the object, and a thing close-up's background stuff only sometimes.
 """
 
 from __future__ import annotations
@@ -180,5 +184,107 @@ def captions(
             if text not in out:
                 break
             text = caption(rng, things, stuff_areas, p_largest)
+        out.append(text)
+    return out
+
+
+# ------------------------------------------------------------------------------- object-centric close-ups
+# Captions of the close-ups of the pre-training mix, in the style of web alt-text: short, often a bare noun
+# phrase, always naming the object. Fields: {a_thing} "a red kite", {the_thing} "the kite", {thing} "red kite"
+# (no article), {relation} "in the sky" (the thing's preposition and the background stuff), {stuff} "the sky",
+# "grass", {bare_stuff} "blue sky", "lawn" (no article). A thing close-up's caption names its background stuff
+# with probability ``object_mention_stuff_prob`` (when there is one), using a template of THING_ON_STUFF;
+# otherwise it uses THING_CLOSEUP, or PLAIN_BACKGROUND on a plain background, or PARTIAL_VIEW when part of the
+# thing leaves the frame (each with probability ``SPECIAL_TEMPLATE_PROB``).
+THING_CLOSEUP: tuple[str, ...] = (
+    "{a_thing}", "{thing}", "a photo of {a_thing}", "a close-up of {a_thing}", "close-up of {a_thing}",
+    "a close-up photo of {a_thing}", "a picture of {a_thing}", "an image of {a_thing}", "a cropped photo of {a_thing}",
+    "a zoomed-in photo of {a_thing}", "{a_thing}, close up", "{thing} photo", "a good photo of {the_thing}",
+    "a detail of {the_thing}", "a photo of {the_thing}", "{thing} close-up", "a drawing of {a_thing}",
+    "a cartoon of {a_thing}",
+)
+THING_ON_STUFF: tuple[str, ...] = (
+    "{a_thing} {relation}", "a photo of {a_thing} {relation}", "{a_thing} against {stuff}",
+    "close-up of {a_thing} with {stuff} behind it", "{thing}, {bare_stuff}", "a close-up of {a_thing} {relation}",
+    "{a_thing} and {stuff}", "{thing} on a background of {bare_stuff}",
+)
+PLAIN_BACKGROUND: tuple[str, ...] = (
+    "{a_thing} on a plain background", "{a_thing} isolated on a plain background", "a studio photo of {a_thing}",
+    "{thing} on a blank background", "{thing}, isolated",
+)
+PARTIAL_VIEW: tuple[str, ...] = (
+    "part of {a_thing}", "a cropped photo of {a_thing}", "{a_thing}, partly out of frame", "a detail of {the_thing}",
+)
+STUFF_CLOSEUP: tuple[str, ...] = (
+    "{bare_stuff}", "a photo of {stuff}", "close-up of {stuff}", "a close-up photo of {stuff}", "{bare_stuff} texture",
+    "the texture of {stuff}", "a background of {bare_stuff}", "{bare_stuff} background", "a view of {stuff}",
+    "a patch of {bare_stuff}", "a detail of {stuff}", "a picture of {stuff}", "{bare_stuff}, close up",
+)
+SPECIAL_TEMPLATE_PROB = 0.5  # a plain-background or partial-view close-up uses its own templates this often
+
+
+@dataclass(frozen=True)
+class CloseUpInfo:
+    """What a close-up's captions may say: the thing (or None for a stuff close-up), its named colour, whether
+    part of it leaves the frame, the background stuff ordered by visible area (largest first; empty = plain)."""
+
+    thing: str | None
+    colour: str
+    partial: bool
+    stuff: tuple[str, ...]
+
+
+def closeup_thing_words(rng: np.random.Generator, name: str, colour: str) -> dict[str, str]:
+    """The three forms of a close-up's thing: {'a_thing': 'a red kite', 'the_thing': 'the red kite',
+    'thing': 'red kite'}, with the colour (or its suffix, "a person in blue") half of the time, a synonym as
+    often as in scene captions."""
+    d = thing_def(name)
+    noun = _noun(rng, name, d.synonyms)
+    adj, suffix = "", ""
+    if rng.random() < 0.5:
+        if d.colour_suffix:
+            suffix = " " + d.colour_suffix[0].format(colour=colour)
+        else:
+            adj = colour + " "
+    words = adj + noun
+    return {"a_thing": _with_article(words) + suffix, "the_thing": "the " + words + suffix, "thing": words + suffix}
+
+
+def closeup_caption(rng: np.random.Generator, info: CloseUpInfo, mention_stuff_prob: float) -> str:
+    """One web-style caption of a close-up; it always names the thing (or the stuff of a stuff close-up)."""
+    if info.thing is None:
+        noun, is_name = _stuff_noun(rng, info.stuff[0])
+        fields = {"stuff": stuff_phrase(rng, info.stuff[0]) if is_name else "the " + noun, "bare_stuff": noun}
+        text = _choice(rng, STUFF_CLOSEUP).format(**fields)
+    else:
+        fields = closeup_thing_words(rng, info.thing, info.colour)
+        if info.stuff and rng.random() < mention_stuff_prob:
+            stuff = info.stuff[0]
+            fields.update(relation=_relation(rng, info.thing, stuff), stuff=stuff_phrase(rng, stuff),
+                          bare_stuff=_stuff_noun(rng, stuff)[0])
+            template = _choice(rng, THING_ON_STUFF)
+        elif not info.stuff and rng.random() < SPECIAL_TEMPLATE_PROB:
+            template = _choice(rng, PLAIN_BACKGROUND)
+        elif info.partial and rng.random() < SPECIAL_TEMPLATE_PROB:
+            template = _choice(rng, PARTIAL_VIEW)
+        else:
+            template = _choice(rng, THING_CLOSEUP)
+        text = template.format(**fields)
+    if rng.random() < 0.3:
+        text = text[0].upper() + text[1:]
+    if rng.random() < 0.3:
+        text += "."
+    return text
+
+
+def closeup_captions(rng: np.random.Generator, info: CloseUpInfo, n: int, mention_stuff_prob: float) -> list[str]:
+    """``n`` captions of one close-up, distinct where the draws allow it (as :func:`captions`)."""
+    out: list[str] = []
+    for _ in range(n):
+        text = closeup_caption(rng, info, mention_stuff_prob)
+        for _retry in range(3):
+            if text not in out:
+                break
+            text = closeup_caption(rng, info, mention_stuff_prob)
         out.append(text)
     return out

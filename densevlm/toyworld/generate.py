@@ -10,6 +10,10 @@ Layout under ``root`` (image ids are unique across splits; stems are the 12-digi
     annotations/panoptic_{split}/<stem>.png  RGB-encoded segment ids (id = R + 256 G + 256^2 B)
     annotations/semantic_{split}/<stem>.png  category index in world.json order (0..N-1), 255 = unlabeled
 
+A world with ``object_centric_share`` > 0 also holds object-centric close-ups in its train split, after the
+scenes (ids after every scene of both splits, ``"kind": "object"`` in their image entries; world.json's
+``object_images`` counts them). See :mod:`densevlm.toyworld.closeup`.
+
 The world is written into a temporary sibling directory (``.<name>.*.tmp``, see
 :func:`densevlm.utils.io.atomic_dir`) and renamed onto ``root`` at the end, so a crashed run never leaves a
 half-written world behind; files inside that directory are written directly, because the rename of the whole
@@ -30,12 +34,14 @@ from tqdm import tqdm
 from densevlm.config.core import to_dict
 from densevlm.config.toyworld import ToyWorldConfig
 from densevlm.toyworld.categories import categories, supercategory
+from densevlm.toyworld.closeup import closeup_image_id, render_closeup
 from densevlm.toyworld.render import render_image
 from densevlm.toyworld.writers import coco_files, dump_json, image_record, segment_ids, write_image_files
 from densevlm.utils.io import atomic_dir, read_json
 
 WORLD_VERSION = 1
 SPLITS = ("train", "val")
+OBJECTS = "objects"  # the part of the work that renders the close-ups (they go to the train split)
 
 # Fork on Linux: workers start at once and need not re-import the caller's __main__ (spawn cannot do that for
 # a script read from stdin, and a pool whose workers fail to start waits forever). The workers use only
@@ -71,14 +77,23 @@ def _init_worker(cfg: ToyWorldConfig, staging: str) -> None:
     )
 
 
-def _work(task: tuple[str, int, int]) -> tuple[str, dict[str, Any]]:
-    """Render image ``index`` of ``split``, write its image and label PNGs, return its JSON record."""
-    split, index, image_id = task
+def _work(task: tuple[str, str, int, int]) -> tuple[str, dict[str, Any]]:
+    """Render image ``index`` of ``part`` (a split's scenes, or the close-ups), write its image and label PNGs
+    into ``split``, return the part and the image's JSON record."""
+    part, split, index, image_id = task
     cfg: ToyWorldConfig = _STATE["cfg"]
-    rendered = render_image(cfg, split, index)
+    rendered = render_closeup(cfg, index) if part == OBJECTS else render_image(cfg, split, index)
     ids = segment_ids(rendered.rng, rendered, _STATE["colours"])
     write_image_files(rendered, _STATE["root"], split, image_id, ids, _STATE["category_index"], cfg.jpeg_quality)
-    return split, image_record(rendered, image_id, ids, _STATE["category_ids"])
+    return part, image_record(rendered, image_id, ids, _STATE["category_ids"])
+
+
+def _merge(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """One COCO file of a split from those of its scenes and of its close-ups (images and annotations after)."""
+    out = dict(first)
+    for key in ("images", "annotations"):
+        out[key] = first[key] + second[key]
+    return out
 
 
 def _check_target(root: Path, overwrite: bool) -> None:
@@ -118,9 +133,12 @@ def generate_world(
             for split in SPLITS:
                 for key in ("images", "panoptic", "semantic"):
                     split_paths(staging, split)[key].mkdir(parents=True, exist_ok=True)
-            tasks = [("train", i, i + 1) for i in range(cfg.num_train)]
-            tasks += [("val", i, cfg.num_train + i + 1) for i in range(cfg.num_val)]
-            records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+            # Scenes of train, then of val, then the close-ups (train images, ids after every scene).
+            num_closeups = cfg.num_closeups()
+            tasks = [("train", "train", i, i + 1) for i in range(cfg.num_train)]
+            tasks += [("val", "val", i, cfg.num_train + i + 1) for i in range(cfg.num_val)]
+            tasks += [(OBJECTS, "train", j, closeup_image_id(cfg, j)) for j in range(num_closeups)]
+            records: dict[str, list[dict[str, Any]]] = {s: [] for s in (*SPLITS, OBJECTS)}
             with tqdm(total=len(tasks), desc="toyworld", unit="img", disable=not progress, dynamic_ncols=True) as bar:
                 if cfg.workers == 0:
                     _init_worker(cfg, str(staging))
@@ -138,11 +156,18 @@ def generate_world(
                             records[split].append(record)
                             bar.update(1)
             supers = {c["name"]: supercategory(c["name"]) for c in table}
-            caption_id, instance_id = 1, 1  # annotation ids are unique across splits, like image ids
+            # Annotation ids are unique across splits, like image ids; the close-ups' follow the val split's, so
+            # that the ids of every scene annotation do not depend on the close-ups.
+            caption_id, instance_id = 1, 1
+            files: dict[str, tuple[dict, dict, dict]] = {}
+            for part in (*SPLITS, OBJECTS):
+                files[part] = coco_files(records[part], table, supers, caption_id, instance_id)
+                caption_id += len(files[part][0]["annotations"])
+                instance_id += len(files[part][1]["annotations"])
+            if num_closeups:
+                files["train"] = tuple(_merge(a, b) for a, b in zip(files["train"], files[OBJECTS]))
             for split in SPLITS:
-                caps, inst, pan = coco_files(records[split], table, supers, caption_id, instance_id)
-                caption_id += len(caps["annotations"])
-                instance_id += len(inst["annotations"])
+                caps, inst, pan = files[split]
                 paths = split_paths(staging, split)
                 dump_json(caps, paths["captions"])
                 dump_json(inst, paths["instances"])
@@ -151,7 +176,8 @@ def generate_world(
                 "version": WORLD_VERSION,
                 "config": to_dict(cfg),
                 "categories": table,
-                "splits": {"train": cfg.num_train, "val": cfg.num_val},
+                "splits": {"train": cfg.num_train + num_closeups, "val": cfg.num_val},  # images per split
+                "object_images": {"train": num_closeups, "val": 0},  # of which close-ups (kind 'object')
             }
             dump_json(world, staging / "world.json", indent=2)
     except OSError as err:  # a full disk, a quota: say where, and that nothing was left behind
@@ -176,6 +202,9 @@ def load_world(root: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("config", dict), ("categories", list), ("splits", dict)):
         if not isinstance(world.get(key), kind):
             raise ValueError(f"{path}: missing or invalid '{key}' (expected a JSON {kind.__name__})")
+    objects = world.get("object_images", {})  # absent in worlds written before close-ups existed: none
+    if not isinstance(objects, dict) or any(not isinstance(objects.get(k, 0), int) for k in SPLITS):
+        raise ValueError(f"{path}: invalid 'object_images' (expected a JSON object of counts per split)")
     for i, c in enumerate(world["categories"]):
         missing = [k for k in ("id", "name", "isthing", "novel", "synonyms", "preferred_stuff", "color") if k not in c]
         if missing:

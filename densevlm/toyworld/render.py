@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -55,7 +56,10 @@ class Segment:
 
 @dataclass
 class RenderedImage:
-    """An image, its segments (things in drawing order, then stuff top to bottom) and its captions."""
+    """An image, its segments (things in drawing order, then stuff top to bottom) and its captions.
+
+    ``segment_map`` indexes ``segments``; the value ``len(segments)`` marks void pixels (no category: only a
+    close-up's plain background has them)."""
 
     image: np.ndarray  # (S, S, 3) uint8
     segment_map: np.ndarray  # (S, S) int16: index into ``segments``
@@ -63,6 +67,12 @@ class RenderedImage:
     captions: list[str]
     scene: Scene
     rng: np.random.Generator  # a generator of this image not used by rendering (for segment ids)
+    closeup: Any = None  # an object-centric close-up's :class:`densevlm.toyworld.closeup.CloseUp`; None: a scene
+
+    @property
+    def kind(self) -> str:
+        """'scene', or 'object' for a close-up (:mod:`densevlm.toyworld.closeup`)."""
+        return "scene" if self.closeup is None else "object"
 
 
 _CIRCLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -28,7 +28,7 @@ INFO = {
 LICENSES = [{"id": 1, "name": "generated data, no restrictions", "url": ""}]
 # Label maps are runs of equal pixels: zlib's run-length strategy is faster and smaller than its default here.
 PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
-UNLABELED = 255  # semantic PNG value of pixels without a category (none in the toy world)
+UNLABELED = 255  # semantic PNG value of pixels without a category (only a close-up's plain background)
 
 
 def stem(image_id: int) -> str:
@@ -69,10 +69,11 @@ def write_image_files(
     """The JPEG, the panoptic PNG and the semantic PNG of one image (inside the staging directory)."""
     name = stem(image_id)
     Image.fromarray(rendered.image).save(root / "images" / split / f"{name}.jpg", format="JPEG", quality=jpeg_quality)
-    lut_rgb = id_to_rgb(np.asarray(ids, np.uint32))  # one colour per segment, then one gather
+    # One colour (label) per segment, then one gather; the entry after the last is void (id 0, UNLABELED).
+    lut_rgb = id_to_rgb(np.asarray([*ids, 0], np.uint32))
     Image.fromarray(np.take(lut_rgb, rendered.segment_map, axis=0)).save(
         root / "annotations" / f"panoptic_{split}" / f"{name}.png", format="PNG", **PNG_OPTIONS)
-    lut_sem = np.asarray([category_index[s.category] for s in rendered.segments], np.uint8)
+    lut_sem = np.asarray([*(category_index[s.category] for s in rendered.segments), UNLABELED], np.uint8)
     Image.fromarray(np.take(lut_sem, rendered.segment_map)).save(
         root / "annotations" / f"semantic_{split}" / f"{name}.png", format="PNG", **PNG_OPTIONS)
 
@@ -92,8 +93,11 @@ def image_record(
             rle = mask_utils.encode(np.asfortranarray(seg.mask.astype(np.uint8)))
             entry["rle"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
         segments.append(entry)
+    image: dict[str, Any] = {"id": image_id, "file_name": f"{stem(image_id)}.jpg", "width": size, "height": size}
+    if rendered.kind != "scene":  # a close-up says so; scene entries stay as they always were (no 'kind')
+        image["kind"] = rendered.kind
     return {
-        "image": {"id": image_id, "file_name": f"{stem(image_id)}.jpg", "width": size, "height": size},
+        "image": image,
         "captions": list(rendered.captions),
         "segments": segments,
     }
