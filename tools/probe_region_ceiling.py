@@ -51,7 +51,7 @@ def crop_boxes(images: torch.Tensor, boxes: list[torch.Tensor], size: int, conte
 
 @torch.no_grad()
 def probe(model_name: str, world: Path, image_size: int, templates: str, context: float, batch_size: int,
-          max_images: Any) -> dict[str, Any]:
+          max_images: Any, device: str = "auto") -> dict[str, Any]:
     from densevlm.config.evaluation import PanopticDataConfig, RegionEvalConfig, RegionTextConfig
     from densevlm.config.model import ModelSpec
     from densevlm.data.panoptic import region_loader
@@ -62,7 +62,9 @@ def probe(model_name: str, world: Path, image_size: int, templates: str, context
     from densevlm.models import run_dir_spec
 
     spec = run_dir_spec(model_name) if Path(model_name).is_dir() else ModelSpec(name=model_name)
-    model = create_backbone(spec).eval()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    model = create_backbone(spec).eval().to(dev)
     cfg = RegionEvalConfig(
         output_dir="", model=spec,
         data=PanopticDataConfig(panoptic_json=str(world / "annotations" / "panoptic_val.json"),
@@ -74,11 +76,13 @@ def probe(model_name: str, world: Path, image_size: int, templates: str, context
     evaluator = RegionClassificationEvaluator(vocabulary, text, poolings={"rois": ("thing",), "crops": ("thing",)})
     t0 = time.time()
     for batch in tqdm(region_loader(dataset, batch_size, 2), desc=model_name, unit="batch"):
-        images = batch["images"]
-        thing_boxes = [b[t] for b, t in zip(batch["boxes"], batch["isthing"])]
-        crops = crop_boxes(images, thing_boxes, model.native_image_size, context)
-        evaluator.process(batch, {"rois": model.pool_boxes(model.encode_dense(images), thing_boxes),
-                                  "crops": model.encode_image(crops)})
+        images = batch["images"].to(dev)
+        thing_boxes = [b[t].to(dev) for b, t in zip(batch["boxes"], batch["isthing"])]
+        with torch.inference_mode():
+            crops = crop_boxes(images, thing_boxes, model.native_image_size, context)
+            features = {"rois": model.pool_boxes(model.encode_dense(images), thing_boxes),
+                        "crops": model.encode_image(crops)}
+        evaluator.process(batch, {k: v.float().cpu() for k, v in features.items()})
     metrics = evaluator.evaluate()["metrics"]
     return {"model": model_name, "native_image_size": model.native_image_size, "seconds": round(time.time() - t0, 1),
             **{k: round(v, 2) for k, v in metrics.items() if k.endswith(("macc1", "macc5"))}}
@@ -95,14 +99,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     world = Path(args.world)
     if not (world / "annotations" / "panoptic_val.json").is_file():
         sys.exit(f"--world {world}: no annotations/panoptic_val.json (make one with `densevlm toyworld` or the demo)")
-    rows = [probe(m, world, args.image_size, args.templates, args.context, args.batch_size, args.max_images)
-            for m in args.models]
+    rows = [probe(m, world, args.image_size, args.templates, args.context, args.batch_size, args.max_images,
+                  args.device) for m in args.models]
     print(json.dumps({"world": str(world), "image_size": args.image_size, "context": args.context,
                       "templates": args.templates, "models": rows}, indent=2))
 
