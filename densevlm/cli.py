@@ -55,8 +55,11 @@ DESCRIPTIONS: dict[str, str] = {
                   "--templates short --out toy.safetensors",
     "demo": "The whole pipeline on the toy world on a CPU: generate the world, pre-train the toy CLIP, tune it with "
             "CLIPSelf (the teacher) and DenseVLM, evaluate all three on region classification and draw the figures "
-            "under output_dir. Finished stages are reused on a re-run with the same config.\n\n"
-            "example: densevlm demo --config configs/demo/quick.yaml",
+            "under output_dir. Finished stages are reused on a re-run with the same config. --seeds N repeats the "
+            "CLIPSelf / DenseVLM comparison over N training seeds and reports mean ± std, calling a difference "
+            "within the spread a tie.\n\n"
+            "example: densevlm demo --config configs/demo/quick.yaml\n"
+            "example: densevlm demo --seeds 3",
 }
 
 
@@ -312,6 +315,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from densevlm.demo import run_demo
 
     cfg = load_config(DemoConfig, args.config, _overrides(args))
+    if args.seeds is not None:
+        from densevlm.demo_seeds import run_seeds_demo
+
+        if args.talk2dino or args.detection:
+            raise ConfigError("--seeds compares the region and segmentation stages over training seeds; run it "
+                              "without --talk2dino / --detection (those run on the one-seed demo's students)")
+        run_seeds_demo(cfg, args.seeds, fresh=args.fresh, from_scratch=args.from_scratch)
+        return 0
     if args.talk2dino:
         from densevlm.demo_talk2dino import run_talk2dino_demo
 
@@ -409,6 +420,13 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-scratch", action="store_true",
                    help="re-make the student and teacher from the zoo recipes instead of using the shipped zoo "
                    "(about 30 h on 2 CPU cores; the shipped weights are never overwritten)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run the seed comparison instead: tune CLIPSelf and DenseVLM N times (N >= 1) with training "
+                   "seeds loop.seed+0..N-1 (same world, base models and evaluation; each seed in seeds/seed_K/, "
+                   "reused on a re-run), evaluate every student (regions, segmentation), print mean ± std over seeds "
+                   "(sample std, ddof=1; not defined with N=1) and write seeds.json and figures/seeds_spread.png; a "
+                   "key is a tie when |mean(DenseVLM) - mean(CLIPSelf)| <= the larger of the two stds, else the "
+                   "higher mean is ahead; timed, about N times the demo's stages 3-6; not with --talk2dino/--detection")
 
 
 COMMANDS: list[Command] = [

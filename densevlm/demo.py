@@ -11,6 +11,10 @@ Stages (each reused on a re-run when its outputs exist and its config is unchang
    probability maps;
 6. training-free semantic segmentation (dense CLIP) of the same four models: mIoU over all, seen and novel
    classes, per-class IoU bars and prediction overlays.
+
+``densevlm demo --seeds N`` (densevlm/demo_seeds.py) repeats stages 3-6 of the students over N training seeds and
+reports mean ± std; ``--detection`` and ``--talk2dino`` are separate stages too (demo_detection.py,
+demo_talk2dino.py).
 """
 
 from __future__ import annotations
