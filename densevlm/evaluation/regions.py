@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from densevlm.config.core import to_dict
 from densevlm.config.evaluation import RegionEvalConfig
 from densevlm.data.panoptic import PanopticRegionDataset, region_loader
+from densevlm.utils.device import module_device, resolve_device
 from densevlm.utils.io import atomic_write_json
 from densevlm.vocab.commands import text_embeddings_from_config
 from densevlm.vocab.registry import get_vocabulary
@@ -209,22 +210,6 @@ class RegionClassificationEvaluator:
 # ---------------------------------------------------------------------- driver
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given (an error if CUDA is missing)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
-    return device
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def build_region_dataset(cfg: RegionEvalConfig, patch_size: int, image_mean: Sequence[float],
                          image_std: Sequence[float]) -> PanopticRegionDataset:
     """The panoptic region dataset of ``cfg``, labelled in ``cfg.text.vocabulary`` ('' = the json's categories)."""
@@ -295,7 +280,7 @@ def evaluate_regions(model: Any, cfg: RegionEvalConfig, *, progress: bool = True
         device = resolve_device(cfg.device)
         model = model.to(device)
     elif cfg.device == "auto":  # a model handed in stays where its owner put it
-        device = _model_device(model)
+        device = module_device(model)
     else:
         device = resolve_device(cfg.device)
         model = model.to(device)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from densevlm.config.core import ConfigError, to_dict
 from densevlm.config.semseg import SemSegEvalConfig
+from densevlm.utils.device import resolve_device
 from densevlm.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -297,7 +298,6 @@ def evaluate_semseg(model: Any, cfg: SemSegEvalConfig, *, progress: bool = True,
     ``counts``, ``model``, ``data``, ``vocabulary``, ``inference``, ``timing`` and ``config``.
     """
     from densevlm.data.semseg import SemSegDataset, semseg_loader
-    from densevlm.evaluation.regions import resolve_device
     from densevlm.segmenters.inference import add_background, window_logits
 
     state = _start_processes(cfg)
