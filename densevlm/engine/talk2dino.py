@@ -27,6 +27,7 @@ from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection
 from densevlm.models.checkpoints import sha256_file
 from densevlm.models.patch_attention import PatchBackbone, attention_pool, create_patch_backbone
+from densevlm.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,6 @@ def cache_dir_of(cfg: Talk2DINOTrainConfig) -> Path:
     """``cache.dir``, or ``<output_dir>.cache`` beside the run directory (a run directory starts empty)."""
     out = Path(cfg.output_dir)
     return Path(cfg.cache.dir) if cfg.cache.dir else out.with_name(out.name + ".cache")
-
-
-def _device(name: str) -> torch.device:
-    from densevlm.evaluation.regions import resolve_device
-
-    return resolve_device(name)
 
 
 @torch.no_grad()
@@ -150,7 +145,7 @@ def build_encoders(cfg: Talk2DINOTrainConfig) -> tuple[PatchBackbone, Any]:
     """The frozen vision backbone and the CLIP text model of ``cfg``, on ``cfg.cache.device``."""
     from densevlm.models import create_backbone
 
-    device = _device(cfg.cache.device)
+    device = resolve_device(cfg.cache.device)
     backbone = create_patch_backbone(cfg.vision, device=device)
     text_model = create_backbone(cfg.text, device=device).requires_grad_(False)
     return backbone, text_model

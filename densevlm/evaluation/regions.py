@@ -8,26 +8,30 @@ with at least one region) at top-1 and top-5, separately for thing and stuff cla
 vocabulary (novel classes), the same numbers are also given over seen and over novel classes.
 
 :class:`RegionClassificationEvaluator` has detectron2's ``reset / process / evaluate`` shape;
-:func:`evaluate_regions` is the driver; :func:`format_table` prints one or several results side by side.
+:func:`evaluate_regions` is the driver (build: :func:`place_region_model`, :func:`build_region_evaluator`; run:
+:func:`run_region_evaluation` through :func:`~densevlm.evaluation.inference.inference_on_dataset`; report:
+:func:`region_result`, :mod:`densevlm.evaluation.report`); :func:`format_table` prints one or several results
+side by side.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from densevlm.config.core import to_dict
 from densevlm.config.evaluation import RegionEvalConfig
 from densevlm.data.panoptic import PanopticRegionDataset, region_loader
-from densevlm.utils.io import atomic_write_json
+from densevlm.evaluation.inference import inference_on_dataset
+from densevlm.evaluation.report import write_region_report
+from densevlm.utils.device import module_device, resolve_device
 from densevlm.vocab.commands import text_embeddings_from_config
 from densevlm.vocab.registry import get_vocabulary
 from densevlm.vocab.vocabulary import Vocabulary
@@ -209,22 +213,6 @@ class RegionClassificationEvaluator:
 # ---------------------------------------------------------------------- driver
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given (an error if CUDA is missing)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
-    return device
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def build_region_dataset(cfg: RegionEvalConfig, patch_size: int, image_mean: Sequence[float],
                          image_std: Sequence[float]) -> PanopticRegionDataset:
     """The panoptic region dataset of ``cfg``, labelled in ``cfg.text.vocabulary`` ('' = the json's categories)."""
@@ -232,7 +220,24 @@ def build_region_dataset(cfg: RegionEvalConfig, patch_size: int, image_mean: Seq
     return PanopticRegionDataset(cfg.data, patch_size, vocabulary, image_mean=image_mean, image_std=image_std)
 
 
-@torch.no_grad()
+class RegionPooler:
+    """The model step of region classification: a collated batch in, the pooled region features out.
+
+    Thing boxes go to ``rois`` (RoIAlign 1×1), every mask to ``maskpool``, both from one dense map of
+    ``model`` on ``device``.
+    """
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model, self.device = model, device
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        model, device = self.model, self.device
+        dense = model.encode_dense(batch["images"].to(device, non_blocking=True))
+        thing_boxes = [b[t].to(device) for b, t in zip(batch["boxes"], batch["isthing"])]
+        masks = [m.to(device) for m in batch["masks"]]
+        return {"rois": model.pool_boxes(dense, thing_boxes), "maskpool": model.pool_masks(dense, masks)}
+
+
 def run_region_evaluation(
     model: Any,
     dataset: PanopticRegionDataset,
@@ -245,49 +250,22 @@ def run_region_evaluation(
     max_batches: Optional[int] = None,
 ) -> dict[str, Any]:
     """Feed the batches of ``dataset`` through ``model`` into ``evaluator`` (thing boxes to ``rois``, every mask
-    to ``maskpool``).
+    to ``maskpool``), after resetting it.
 
     Returns ``images`` processed and seconds: ``total``, ``data`` (waiting for the loader) and ``model`` (dense
     map, pooling, classification; the evaluator moves results to the CPU each batch, which synchronises CUDA,
     so the split is honest). ``max_batches`` stops early (warm-up runs).
     """
     loader = region_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
-    timing = {"total": 0.0, "data": 0.0, "model": 0.0, "images": 0}
-    start = time.perf_counter()
     total = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
-    with tqdm(total=total, desc="region classification", unit="img", disable=not progress) as bar:
-        tick = time.perf_counter()
-        for n, batch in enumerate(loader):
-            if max_batches is not None and n >= max_batches:
-                break
-            got = time.perf_counter()
-            timing["data"] += got - tick
-            dense = model.encode_dense(batch["images"].to(device, non_blocking=True))
-            thing_boxes = [b[t].to(device) for b, t in zip(batch["boxes"], batch["isthing"])]
-            masks = [m.to(device) for m in batch["masks"]]
-            outputs = {
-                "rois": model.pool_boxes(dense, thing_boxes),
-                "maskpool": model.pool_masks(dense, masks),
-            }
-            evaluator.process(batch, outputs)  # moves ranks to the CPU, which synchronises CUDA
-            tick = time.perf_counter()
-            timing["model"] += tick - got
-            timing["images"] += len(batch["labels"])
-            bar.update(len(batch["labels"]))
-    timing["total"] = time.perf_counter() - start
-    return timing
+    return inference_on_dataset(RegionPooler(model, device), loader, evaluator, total=total,
+                                desc="region classification", progress=progress, max_batches=max_batches,
+                                batch_images=lambda batch: len(batch["labels"]))
 
 
-def evaluate_regions(model: Any, cfg: RegionEvalConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Region classification of ``model`` (a :class:`densevlm.models.DenseCLIP`; None builds ``cfg.model``).
-
-    A model handed in stays on its device when ``cfg.device`` is "auto" and is moved otherwise; it is put in
-    eval mode for the run and given back in the mode it came in.
-
-    Writes ``<output_dir>/regions.json`` (metrics, counts, per-class table, model/data/vocabulary details,
-    timing, config) and, with ``cfg.diagnostics``, the per-class table and the foreground-bias figure; prints
-    the metric table. Returns what ``regions.json`` holds.
-    """
+def place_region_model(model: Any, cfg: RegionEvalConfig) -> tuple[Any, torch.device]:
+    """(model, device): ``cfg.model`` built on ``cfg.device`` when ``model`` is None; a model handed in stays
+    where its owner put it when ``cfg.device`` is "auto" and is moved otherwise."""
     if model is None:
         from densevlm.models import create_backbone
 
@@ -295,31 +273,44 @@ def evaluate_regions(model: Any, cfg: RegionEvalConfig, *, progress: bool = True
         device = resolve_device(cfg.device)
         model = model.to(device)
     elif cfg.device == "auto":  # a model handed in stays where its owner put it
-        device = _model_device(model)
+        device = module_device(model)
     else:
         device = resolve_device(cfg.device)
         model = model.to(device)
+    return model, device
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """``model`` in eval mode inside, given back in the mode it came in."""
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
-        dataset = build_region_dataset(cfg, model.patch_size, model.image_mean, model.image_std)
-        vocabulary, text = text_embeddings_from_config(model, cfg.text, dataset.vocabulary, progress=progress)
-        ids = vocabulary.ids
-        if str(cfg.text.embeddings_path or "").endswith(".npy") and None not in ids and ids != sorted(ids):
-            # Reference .npy files carry no class names; their rows follow ascending category id.
-            logger.warning(
-                "%s has no class metadata and vocabulary %r is not in ascending id order; check that its rows "
-                "follow the vocabulary's order", cfg.text.embeddings_path, vocabulary.name,
-            )
-        evaluator = RegionClassificationEvaluator(vocabulary, text, temperature=cfg.temperature)
-        timing = run_region_evaluation(
-            model, dataset, evaluator, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
-            progress=progress,
-        )
+        yield
     finally:
         if isinstance(model, torch.nn.Module):
             model.train(was_training)
+
+
+def build_region_evaluator(model: Any, cfg: RegionEvalConfig, dataset: PanopticRegionDataset, *,
+                           progress: bool = True) -> RegionClassificationEvaluator:
+    """The evaluator of ``cfg`` over the text embeddings of the dataset's vocabulary, by ``model``."""
+    vocabulary, text = text_embeddings_from_config(model, cfg.text, dataset.vocabulary, progress=progress)
+    ids = vocabulary.ids
+    if str(cfg.text.embeddings_path or "").endswith(".npy") and None not in ids and ids != sorted(ids):
+        # Reference .npy files carry no class names; their rows follow ascending category id.
+        logger.warning(
+            "%s has no class metadata and vocabulary %r is not in ascending id order; check that its rows "
+            "follow the vocabulary's order", cfg.text.embeddings_path, vocabulary.name,
+        )
+    return RegionClassificationEvaluator(vocabulary, text, temperature=cfg.temperature)
+
+
+def region_result(evaluator: RegionClassificationEvaluator, model: Any, dataset: PanopticRegionDataset,
+                  timing: Mapping[str, Any], cfg: RegionEvalConfig, device: torch.device) -> dict[str, Any]:
+    """What ``regions.json`` holds: the evaluator's results, then model, data, vocabulary, timing and config."""
+    vocabulary = evaluator.vocabulary
     result = evaluator.evaluate()
     result["model"] = {
         "name": getattr(model, "name", type(model).__name__),
@@ -348,12 +339,29 @@ def evaluate_regions(model: Any, cfg: RegionEvalConfig, *, progress: bool = True
         "device": str(device), "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
     }
     result["config"] = to_dict(cfg)
-    out_dir = Path(cfg.output_dir)
-    atomic_write_json(out_dir / RESULT_FILE, result)
-    if cfg.diagnostics:
-        from densevlm.evaluation.diagnostics import write_diagnostics
+    return result
 
-        write_diagnostics(result, out_dir)
+
+def evaluate_regions(model: Any, cfg: RegionEvalConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Region classification of ``model`` (a :class:`densevlm.models.DenseCLIP`; None builds ``cfg.model``).
+
+    A model handed in stays on its device when ``cfg.device`` is "auto" and is moved otherwise; it is put in
+    eval mode for the run and given back in the mode it came in.
+
+    Writes ``<output_dir>/regions.json`` (metrics, counts, per-class table, model/data/vocabulary details,
+    timing, config) and, with ``cfg.diagnostics``, the per-class table and the foreground-bias figure; prints
+    the metric table. Returns what ``regions.json`` holds.
+    """
+    model, device = place_region_model(model, cfg)
+    with _eval_mode(model):
+        dataset = build_region_dataset(cfg, model.patch_size, model.image_mean, model.image_std)
+        evaluator = build_region_evaluator(model, cfg, dataset, progress=progress)
+        timing = run_region_evaluation(
+            model, dataset, evaluator, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
+            progress=progress,
+        )
+    result = region_result(evaluator, model, dataset, timing, cfg, device)
+    write_region_report(result, Path(cfg.output_dir), RESULT_FILE, diagnostics=cfg.diagnostics)
     print(format_table(result))
     return result
 

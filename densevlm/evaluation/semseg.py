@@ -8,25 +8,35 @@ unlike mmseg's ``nanmean`` over predicted classes), plus ``mIoU.seen`` / ``mIoU.
 novel classes. When detectron2 is installed, :class:`Detectron2SemSegEvaluator` runs its own evaluator on the same
 predictions.
 
-:func:`evaluate_semseg` is the driver (a model or a config in, metrics out); :func:`format_table` prints one
-result or several side by side.
+:func:`evaluate_semseg` is the driver (a model or a config in, metrics out), one job per step: build
+(:func:`prepare_segmenter`: the segmenter registered under ``cfg.segmenter``, its arguments read from the recipe
+here), run (:func:`run_semseg` through :func:`~densevlm.evaluation.inference.inference_on_dataset`), report
+(:func:`semseg_result`, :mod:`densevlm.evaluation.report`); :func:`format_table` prints one result or several
+side by side.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from densevlm.config.core import ConfigError, to_dict
+from densevlm.config.core import ConfigError, from_dict, read_yaml, to_dict
+from densevlm.config.model import ModelSpec
 from densevlm.config.semseg import SemSegEvalConfig
-from densevlm.utils.io import atomic_write_json, atomic_write_text
+from densevlm.config.talk2dino import Talk2DINOVisionConfig
+from densevlm.data.semseg import SemSegDataset, semseg_loader
+from densevlm.evaluation.inference import inference_on_dataset
+from densevlm.evaluation.report import write_semseg_report
+from densevlm.methods.talk2dino import read_projection
+from densevlm.models import create_backbone
+from densevlm.segmenters import Segmenter, get_segmenter
+from densevlm.segmenters.inference import add_background, window_logits
+from densevlm.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -248,15 +258,77 @@ def semseg_vocabularies(cfg: SemSegEvalConfig) -> tuple[Any, Any, Optional[int]]
     return vocabulary, vocabulary.subset(keep, name=f"{vocabulary.name}.no_{bg.name}"), hits[0]
 
 
-def build_semseg_segmenter(model: Any, cfg: SemSegEvalConfig, text_vocabulary: Any, *, progress: bool = True) -> Any:
-    """The segmenter ``cfg.segmenter`` over ``model`` and the text embeddings of ``text_vocabulary``."""
-    from densevlm.segmenters import DenseCLIPSegmenter
-    from densevlm.vocab.commands import text_embeddings_from_config
+def _dense_clip_arguments(model: Any, cfg: SemSegEvalConfig, device: Optional[torch.device]) -> dict[str, Any]:
+    """``model``: the one handed in (moved unless ``cfg.device`` is "auto") or ``cfg.model`` built on ``device``."""
+    if model is None:
+        model = create_backbone(cfg.model)
+        model = model.to(device if device is not None else resolve_device(cfg.device))
+    elif cfg.device != "auto":
+        model = model.to(resolve_device(cfg.device))
+    return {"model": model}
 
-    if cfg.segmenter == "dense_clip":
-        vocabulary, text = text_embeddings_from_config(model, cfg.text, text_vocabulary, progress=progress)
-        return DenseCLIPSegmenter(model, text, vocabulary.names)
-    raise ConfigError(f"segmenter: unknown segmenter {cfg.segmenter!r}")
+
+def _talk2dino_arguments(model: Any, cfg: SemSegEvalConfig, device: Optional[torch.device]) -> dict[str, Any]:
+    """ψ, the backbone spec and the CLIP text model from ``cfg.talk2dino.psi``: a run directory records the
+    backbone and the text model (``cfg.talk2dino.vision`` and ``cfg.model`` override them, and are required with
+    a bare ψ file); ``model``, when given, is the text model."""
+    t = cfg.talk2dino
+    if not t.psi:
+        raise ConfigError("talk2dino.psi: required with segmenter 'talk2dino' (a `densevlm talk2dino train` run "
+                          "directory or a ψ weights file)")
+    vision, text_spec = t.vision, cfg.model if (cfg.model.name or cfg.model.pretrained) else None
+    run_config = Path(t.psi) / "config.yaml"
+    if run_config.is_file():
+        recorded = read_yaml(run_config)
+        if vision is None:
+            vision = from_dict(Talk2DINOVisionConfig, recorded["vision"])
+        if text_spec is None and model is None:
+            text_spec = from_dict(ModelSpec, recorded["text"])
+    if vision is None:
+        raise ConfigError(f"talk2dino.vision: required when talk2dino.psi ({t.psi}) is a weights file, not a run "
+                          "directory")
+    text_model = model
+    if text_model is None:
+        if text_spec is None:
+            raise ConfigError(f"model: the CLIP text model is required when talk2dino.psi ({t.psi}) is a weights "
+                              "file, not a run directory")
+        text_model = create_backbone(text_spec, device=device or "cpu")
+    return {"psi": read_projection(t.psi), "vision": vision, "text_model": text_model, "device": device}
+
+
+#: segmenter name -> the reader of its arguments from a config (the recipe is read here, not by the segmenter);
+#: a registered segmenter without an entry gets ``model`` as dense CLIP does.
+SEGMENTER_ARGUMENTS: dict[str, Callable[[Any, SemSegEvalConfig, Optional[torch.device]], dict[str, Any]]] = {
+    "dense_clip": _dense_clip_arguments,
+    "talk2dino": _talk2dino_arguments,
+}
+
+
+def build_semseg_segmenter(model: Any, cfg: SemSegEvalConfig, text_vocabulary: Any, *,
+                           device: Optional[torch.device] = None, progress: bool = True) -> Segmenter:
+    """The segmenter registered as ``cfg.segmenter``, built by its ``from_config`` over the text vocabulary.
+
+    ``model``: dense CLIP's backbone or Talk2DINO's text model (None builds the config's); ``device``: where a
+    model built here goes (default: ``cfg.device`` resolved).
+    """
+    cls = get_segmenter(cfg.segmenter)
+    arguments = SEGMENTER_ARGUMENTS.get(cfg.segmenter, _dense_clip_arguments)(model, cfg, device)
+    return cls.from_config(cfg, text_vocabulary, progress=progress, **arguments)
+
+
+def prepare_segmenter(model: Any, cfg: SemSegEvalConfig, text_vocabulary: Any, *, segmenter: Any = None,
+                      state: Any = None, progress: bool = True) -> Segmenter:
+    """The segmenter of an evaluation: ``segmenter`` as handed in (moved unless ``cfg.device`` is "auto") or
+    built by :func:`build_semseg_segmenter` on the process's device; checked against the text vocabulary."""
+    if segmenter is None:
+        device = state.device if (state is not None and cfg.device == "auto") else resolve_device(cfg.device)
+        segmenter = build_semseg_segmenter(model, cfg, text_vocabulary, device=device, progress=progress)
+    elif cfg.device != "auto":
+        segmenter = segmenter.to(resolve_device(cfg.device))
+    if segmenter.num_classes != len(text_vocabulary):
+        raise ValueError(f"the segmenter scores {segmenter.num_classes} classes, vocabulary {text_vocabulary.name!r} "
+                         f"(without background) has {len(text_vocabulary)}")
+    return segmenter
 
 
 def _distributed() -> tuple[int, int]:
@@ -274,6 +346,152 @@ def _start_processes(cfg: SemSegEvalConfig) -> Any:
     from accelerate import PartialState
 
     return PartialState(cpu=cfg.device == "cpu")
+
+
+class SemSegPredictor:
+    """The model step of segmentation: a batch of dataset items in, per item not skipped its logits at the
+    label's size (``sem_seg``, background channel inserted) and their argmax (``pred``)."""
+
+    def __init__(self, segmenter: Segmenter, inference: Any, bg_index: Optional[int]) -> None:
+        self.segmenter, self.inference, self.bg_index = segmenter, inference, bg_index
+
+    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        inf = self.inference
+        good = [item for item in batch if "skipped" not in item]
+        logits = window_logits(self.segmenter, [item["image"] for item in good], mode=inf.mode,
+                               crop_size=inf.crop_size, stride=inf.stride, batch_size=inf.batch_size)
+        outputs = []
+        for item, lg in zip(good, logits):
+            if self.bg_index is not None:
+                lg = add_background(lg, self.bg_index, inf.background.score)
+            if tuple(lg.shape[-2:]) != item["label"].shape:
+                lg = torch.nn.functional.interpolate(lg[None], size=item["label"].shape, mode="bilinear",
+                                                     align_corners=False)[0]
+            outputs.append({"sem_seg": lg, "pred": lg.argmax(0)})
+        return outputs
+
+
+class SemSegRunEvaluator:
+    """Our :class:`SemSegEvaluator`, optionally detectron2's, and the figure samples, fed by one batch.
+
+    ``process(inputs, outputs)``: ``inputs`` the dataset items of a batch (skipped ones counted as skipped),
+    ``outputs`` :class:`SemSegPredictor`'s for the items not skipped. ``reset`` also counts the images known to
+    be skipped before the run (``pre_skipped``: missing labels). ``evaluate()`` -> (ours, detectron2's or None).
+    """
+
+    def __init__(self, evaluator: SemSegEvaluator, d2: Optional[Detectron2SemSegEvaluator], *,
+                 pre_skipped: Sequence[str] = (), figures: int = 0) -> None:
+        self.evaluator, self.d2 = evaluator, d2
+        self.pre_skipped, self.figures = list(pre_skipped), int(figures)
+        self.reset()
+
+    def reset(self) -> None:
+        self.evaluator.reset()
+        if self.d2 is not None:
+            self.d2.reset()
+        for file_name in self.pre_skipped:
+            self.evaluator.skip(file_name)
+        self.figure_samples: list[dict[str, Any]] = []
+
+    def process(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
+        for item in inputs:
+            if "skipped" in item:
+                self.evaluator.skip(item["file_name"])
+        good = [item for item in inputs if "skipped" not in item]
+        for item, out in zip(good, outputs):
+            pred = out["pred"]
+            pair = [{"sem_seg": item["label"], "file_name": item["file_name"]}]
+            self.evaluator.process(pair, [{"pred": pred}])
+            if self.d2 is not None:
+                self.d2.process(pair, [{"sem_seg": out["sem_seg"]}])
+            if len(self.figure_samples) < self.figures:
+                self.figure_samples.append({"file_name": item["file_name"], "label": item["label"],
+                                            "pred": pred.cpu().numpy().astype(np.int32)})
+
+    def evaluate(self) -> tuple[dict[str, Any], Optional[dict[str, float]]]:
+        ours = self.evaluator.evaluate()
+        return ours, (self.d2.evaluate() if self.d2 is not None else None)
+
+
+def build_semseg_run(cfg: SemSegEvalConfig, segmenter: Segmenter, vocabulary: Any, *,
+                     main: bool) -> tuple[SemSegDataset, SemSegRunEvaluator]:
+    """The dataset of ``cfg`` (normalised as the segmenter expects) and the evaluators of the run."""
+    inf = cfg.inference
+    dataset = SemSegDataset(cfg.data, len(vocabulary), segmenter.image_mean, segmenter.image_std,
+                            short_side=inf.short_side, max_long_side=inf.max_long_side)
+    class_names = vocabulary.names
+    novel = [c.novel for c in vocabulary.classes]
+    evaluator = SemSegEvaluator(class_names, novel=novel, ignore_label=cfg.data.ignore_label)
+    d2 = None
+    backend = cfg.metrics_backend
+    if backend == "detectron2" or (backend == "auto" and detectron2_available()):
+        records = [{"file_name": str(s.image), "sem_seg_file_name": str(s.label)} for s in dataset.samples]
+        name = f"densevlm_semseg_{Path(cfg.data.label_root).name}_{vocabulary.fingerprint[:12]}_{len(records)}"
+        d2 = Detectron2SemSegEvaluator(name, records, class_names, ignore_label=cfg.data.ignore_label,
+                                       reduce_zero_label=cfg.data.reduce_zero_label)
+    # Every process lists the images without a label; one counts them.
+    pre_skipped = [str(sample.image) for sample in dataset.missing_labels] if main else []
+    run = SemSegRunEvaluator(evaluator, d2, pre_skipped=pre_skipped, figures=cfg.figures if main else 0)
+    return dataset, run
+
+
+def run_semseg(segmenter: Segmenter, dataset: SemSegDataset, run: SemSegRunEvaluator, cfg: SemSegEvalConfig,
+               bg_index: Optional[int], *, rank: int, world: int, progress: bool) -> dict[str, Any]:
+    """Segment this process's shard (images rank, rank + world, ...) into ``run``; the timing of
+    :func:`~densevlm.evaluation.inference.inference_on_dataset`. The segmenter runs in eval mode and every
+    module gets its own mode back (a model handed in keeps its own)."""
+    inf = cfg.inference
+    shard = list(range(rank, len(dataset), world))
+    images_per_batch = inf.batch_size if inf.mode == "whole" else max(1, inf.batch_size // 2)
+    loader = semseg_loader(dataset, shard, cfg.num_workers, batch_size=images_per_batch)
+    modes = {m: m.training for m in segmenter.modules()}
+    segmenter.eval()
+    try:
+        return inference_on_dataset(SemSegPredictor(segmenter, inf, bg_index), loader, run, total=len(shard),
+                                    desc="semantic segmentation", progress=progress)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def semseg_result(evaluated: Mapping[str, Any], theirs: Optional[Mapping[str, float]], *, segmenter: Segmenter,
+                  model: Any, dataset: SemSegDataset, vocabulary: Any, bg_index: Optional[int],
+                  timing: Mapping[str, Any], cfg: SemSegEvalConfig, world: int) -> dict[str, Any]:
+    """What ``semseg.json`` holds, from our evaluator's results and detectron2's (or None)."""
+    metrics = evaluated["metrics"]
+    result: dict[str, Any] = {"metrics": metrics, "counts": evaluated["counts"], "metrics_backend": "densevlm"}
+    if theirs is not None:
+        result["metrics_backend"] = "detectron2"
+        result["detectron2"] = theirs
+        differ = compare_metrics(metrics, theirs)
+        if differ:
+            logger.error("detectron2's SemSegEvaluator and ours disagree: %s", "; ".join(differ[:5]))
+            result["detectron2_disagreement"] = differ
+    conf = evaluated["confusion"]
+    result["per_class"] = [
+        {"index": i, "name": c.name, "isthing": c.isthing, "novel": c.novel,
+         "IoU": metrics[f"IoU-{c.name}"] if not math.isnan(metrics[f"IoU-{c.name}"]) else None,
+         "ACC": metrics[f"ACC-{c.name}"] if not math.isnan(metrics[f"ACC-{c.name}"]) else None,
+         "gt_pixels": int(conf[i].sum()), "pred_pixels": int(conf[:, i].sum()),
+         "background_rule": i == bg_index}
+        for i, c in enumerate(vocabulary.classes)
+    ]
+    model_obj = getattr(segmenter, "model", model)
+    result["model"] = {"segmenter": type(segmenter).__name__, "name": getattr(model_obj, "name", None),
+                       "weights_id": getattr(model_obj, "weights_id", None),
+                       "source": getattr(model_obj, "source", None)}
+    result["data"] = {"image_root": cfg.data.image_root, "label_root": cfg.data.label_root,
+                      "images": len(dataset), "missing_labels": len(dataset.missing_labels)}
+    result["vocabulary"] = {"name": vocabulary.name, "fingerprint": vocabulary.fingerprint,
+                            "classes": len(vocabulary), "novel": int(sum(c.novel for c in vocabulary.classes)),
+                            "background_index": bg_index}
+    result["inference"] = to_dict(cfg.inference)
+    seconds = timing["total"]
+    result["timing"] = {"seconds": seconds, "data_seconds": timing["data"], "model_seconds": timing["model"],
+                        "images_per_s": timing["images"] / seconds if seconds > 0 else None,
+                        "processes": world, "device": str(segmenter.device)}
+    result["config"] = to_dict(cfg)
+    return result
 
 
 @torch.no_grad()
@@ -296,154 +514,21 @@ def evaluate_semseg(model: Any, cfg: SemSegEvalConfig, *, progress: bool = True,
     ``mIoU.seen`` / ``mIoU.novel`` when the vocabulary has novel classes, all percent), ``per_class`` rows,
     ``counts``, ``model``, ``data``, ``vocabulary``, ``inference``, ``timing`` and ``config``.
     """
-    from densevlm.data.semseg import SemSegDataset, semseg_loader
-    from densevlm.evaluation.regions import resolve_device
-    from densevlm.segmenters.inference import add_background, window_logits
-
     state = _start_processes(cfg)
     rank, world = _distributed()
     main = rank == 0
     vocabulary, text_vocabulary, bg_index = semseg_vocabularies(cfg)
-    if segmenter is None and cfg.segmenter == "talk2dino":
-        from densevlm.segmenters.talk2dino import build_talk2dino_segmenter
-
-        device = state.device if (state is not None and cfg.device == "auto") else resolve_device(cfg.device)
-        segmenter = build_talk2dino_segmenter(cfg, text_vocabulary, text_model=model, device=device,
-                                              progress=progress and main)
-    if segmenter is None:
-        if model is None:
-            from densevlm.models import create_backbone
-
-            model = create_backbone(cfg.model)
-            device = state.device if (state is not None and cfg.device == "auto") else resolve_device(cfg.device)
-            model = model.to(device)
-        elif cfg.device != "auto":
-            model = model.to(resolve_device(cfg.device))
-        segmenter = build_semseg_segmenter(model, cfg, text_vocabulary, progress=progress and main)
-    elif cfg.device != "auto":
-        segmenter = segmenter.to(resolve_device(cfg.device))
-    if segmenter.num_classes != len(text_vocabulary):
-        raise ValueError(f"the segmenter scores {segmenter.num_classes} classes, vocabulary {text_vocabulary.name!r} "
-                         f"(without background) has {len(text_vocabulary)}")
-    device = segmenter.device
-    inf = cfg.inference
-    dataset = SemSegDataset(cfg.data, len(vocabulary), segmenter.image_mean, segmenter.image_std,
-                            short_side=inf.short_side, max_long_side=inf.max_long_side)
-    class_names = vocabulary.names
-    novel = [c.novel for c in vocabulary.classes]
-    evaluator = SemSegEvaluator(class_names, novel=novel, ignore_label=cfg.data.ignore_label)
-    d2 = None
-    backend = cfg.metrics_backend
-    if backend == "detectron2" or (backend == "auto" and detectron2_available()):
-        records = [{"file_name": str(s.image), "sem_seg_file_name": str(s.label)} for s in dataset.samples]
-        name = f"densevlm_semseg_{Path(cfg.data.label_root).name}_{vocabulary.fingerprint[:12]}_{len(records)}"
-        d2 = Detectron2SemSegEvaluator(name, records, class_names, ignore_label=cfg.data.ignore_label,
-                                       reduce_zero_label=cfg.data.reduce_zero_label)
-    if main:  # every process lists them; one counts them
-        for sample in dataset.missing_labels:
-            evaluator.skip(str(sample.image))
-    shard = list(range(rank, len(dataset), world))
-    images_per_batch = inf.batch_size if inf.mode == "whole" else max(1, inf.batch_size // 2)
-    loader = semseg_loader(dataset, shard, cfg.num_workers, batch_size=images_per_batch)
-    figure_samples: list[dict[str, Any]] = []
-    modes = {m: m.training for m in segmenter.modules()}  # a model handed in gets its own mode back
-    segmenter.eval()
-    timing = {"data": 0.0, "model": 0.0, "images": 0}
-    start = time.perf_counter()
-    try:
-        with tqdm(total=len(shard), desc="semantic segmentation", unit="img", disable=not (progress and main)) as bar:
-            tick = time.perf_counter()
-            for batch in loader:
-                got = time.perf_counter()
-                timing["data"] += got - tick
-                for item in batch:
-                    if "skipped" in item:
-                        evaluator.skip(item["file_name"])
-                good = [item for item in batch if "skipped" not in item]
-                logits = window_logits(segmenter, [item["image"] for item in good], mode=inf.mode,
-                                       crop_size=inf.crop_size, stride=inf.stride, batch_size=inf.batch_size)
-                for item, lg in zip(good, logits):
-                    if bg_index is not None:
-                        lg = add_background(lg, bg_index, inf.background.score)
-                    if tuple(lg.shape[-2:]) != item["label"].shape:
-                        lg = torch.nn.functional.interpolate(lg[None], size=item["label"].shape, mode="bilinear",
-                                                             align_corners=False)[0]
-                    pred = lg.argmax(0)
-                    inputs = [{"sem_seg": item["label"], "file_name": item["file_name"]}]
-                    evaluator.process(inputs, [{"pred": pred}])
-                    if d2 is not None:
-                        d2.process(inputs, [{"sem_seg": lg}])
-                    if main and len(figure_samples) < cfg.figures:
-                        figure_samples.append({"file_name": item["file_name"], "label": item["label"],
-                                               "pred": pred.cpu().numpy().astype(np.int32)})
-                tick = time.perf_counter()
-                timing["model"] += tick - got
-                timing["images"] += len(batch)
-                bar.update(len(batch))
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-    seconds = time.perf_counter() - start
-    evaluated = evaluator.evaluate()
-    metrics = evaluated["metrics"]
-    result: dict[str, Any] = {"metrics": metrics, "counts": evaluated["counts"], "metrics_backend": "densevlm"}
-    if d2 is not None:
-        theirs = d2.evaluate()
-        if theirs is not None:
-            result["metrics_backend"] = "detectron2"
-            result["detectron2"] = theirs
-            differ = compare_metrics(metrics, theirs)
-            if differ:
-                logger.error("detectron2's SemSegEvaluator and ours disagree: %s", "; ".join(differ[:5]))
-                result["detectron2_disagreement"] = differ
-    conf = evaluated["confusion"]
-    result["per_class"] = [
-        {"index": i, "name": c.name, "isthing": c.isthing, "novel": c.novel,
-         "IoU": metrics[f"IoU-{c.name}"] if not math.isnan(metrics[f"IoU-{c.name}"]) else None,
-         "ACC": metrics[f"ACC-{c.name}"] if not math.isnan(metrics[f"ACC-{c.name}"]) else None,
-         "gt_pixels": int(conf[i].sum()), "pred_pixels": int(conf[:, i].sum()),
-         "background_rule": i == bg_index}
-        for i, c in enumerate(vocabulary.classes)
-    ]
-    model_obj = getattr(segmenter, "model", model)
-    result["model"] = {"segmenter": type(segmenter).__name__, "name": getattr(model_obj, "name", None),
-                       "weights_id": getattr(model_obj, "weights_id", None),
-                       "source": getattr(model_obj, "source", None)}
-    result["data"] = {"image_root": cfg.data.image_root, "label_root": cfg.data.label_root,
-                      "images": len(dataset), "missing_labels": len(dataset.missing_labels)}
-    result["vocabulary"] = {"name": vocabulary.name, "fingerprint": vocabulary.fingerprint,
-                            "classes": len(vocabulary), "novel": int(sum(novel)), "background_index": bg_index}
-    result["inference"] = to_dict(inf)
-    result["timing"] = {"seconds": seconds, "data_seconds": timing["data"], "model_seconds": timing["model"],
-                        "images_per_s": timing["images"] / seconds if seconds > 0 else None,
-                        "processes": world, "device": str(device)}
-    result["config"] = to_dict(cfg)
+    segmenter = prepare_segmenter(model, cfg, text_vocabulary, segmenter=segmenter, state=state,
+                                  progress=progress and main)
+    dataset, run = build_semseg_run(cfg, segmenter, vocabulary, main=main)
+    timing = run_semseg(segmenter, dataset, run, cfg, bg_index, rank=rank, world=world, progress=progress and main)
+    evaluated, theirs = run.evaluate()
+    result = semseg_result(evaluated, theirs, segmenter=segmenter, model=model, dataset=dataset,
+                           vocabulary=vocabulary, bg_index=bg_index, timing=timing, cfg=cfg, world=world)
     if main and write:
-        out_dir = Path(cfg.output_dir)
-        atomic_write_json(out_dir / RESULT_FILE, _json_safe(result))
-        if cfg.figures:
-            from densevlm.data.images import load_rgb
-            from densevlm.evaluation.semseg_figures import write_semseg_figures
-
-            samples = [{"image": np.asarray(load_rgb(s["file_name"])), "label": s["label"], "pred": s["pred"],
-                        "name": Path(s["file_name"]).name} for s in figure_samples]
-            write_semseg_figures(result, samples, class_names, out_dir)
-        else:
-            from densevlm.evaluation.semseg_figures import per_class_csv
-
-            atomic_write_text(out_dir / "per_class.csv", per_class_csv(result))
+        write_semseg_report(result, Path(cfg.output_dir), RESULT_FILE, figure_samples=run.figure_samples,
+                            class_names=vocabulary.names, figures=bool(cfg.figures))
     return result
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN (a class without ground truth) as null: strict JSON readers reject NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------- table

@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from densevlm.segmenters.base import Segmenter, pad_to_patches, upsample_to_input
+from densevlm.segmenters.registry import register_segmenter
+from densevlm.vocab.commands import text_embeddings_from_config
 
 
+@register_segmenter("dense_clip")
 class DenseCLIPSegmenter(Segmenter):
     """Cosine of every patch of a :class:`densevlm.models.DenseCLIP` dense map with each class embedding.
 
@@ -40,6 +43,14 @@ class DenseCLIPSegmenter(Segmenter):
         self.register_buffer("text", F.normalize(text_embeddings.detach().float(), dim=-1), persistent=False)
         self.last_block = last_block
         self.image_mean, self.image_std = tuple(model.image_mean), tuple(model.image_std)
+
+    @classmethod
+    def from_config(cls, cfg: Any, text_vocabulary: Any, *, model: Any,
+                    progress: bool = True) -> "DenseCLIPSegmenter":
+        """The segmenter of an eval config over ``model``: the text embeddings of ``text_vocabulary`` as
+        ``cfg.text`` (a :class:`~densevlm.config.vocab.TextEmbeddingConfig`) says (templates, cache, file)."""
+        vocabulary, text = text_embeddings_from_config(model, cfg.text, text_vocabulary, progress=progress)
+        return cls(model, text, vocabulary.names)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

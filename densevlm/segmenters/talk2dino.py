@@ -14,8 +14,10 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from densevlm.models.patch_attention import PatchBackbone, PatchFeatures
+from densevlm.models.patch_attention import PatchBackbone, PatchFeatures, create_patch_backbone
 from densevlm.segmenters.base import Segmenter, pad_to_patches, upsample_to_input
+from densevlm.segmenters.registry import register_segmenter
+from densevlm.vocab.templates import get_templates
 
 
 @torch.no_grad()
@@ -91,6 +93,7 @@ def pamr(image: torch.Tensor, mask: torch.Tensor, *, iterations: int = 10,
     return torch.cat(out, dim=1)
 
 
+@register_segmenter("talk2dino")
 class Talk2DINOSegmenter(Segmenter):
     """sigmoid(cos(patch token, ψ(class text))) per class, at the input size.
 
@@ -125,6 +128,26 @@ class Talk2DINOSegmenter(Segmenter):
         self.register_buffer("text", text, persistent=False)
         self.image_mean, self.image_std = tuple(backbone.image_mean), tuple(backbone.image_std)
 
+    @classmethod
+    def from_config(cls, cfg: Any, text_vocabulary: Any, *, psi: torch.nn.Module, vision: Any, text_model: Any,
+                    device: Optional[torch.device] = None, progress: bool = True) -> "Talk2DINOSegmenter":
+        """The segmenter of an eval config (``segmenter: talk2dino``) from plain arguments.
+
+        Args:
+            cfg: the :class:`~densevlm.config.semseg.SemSegEvalConfig`; its ``talk2dino`` thresholds
+                (``bg_clean``, ``lambda_bg``, ``pamr``) and ``text`` templates are used.
+            text_vocabulary: the classes scored (background rule's class left out).
+            psi: the loaded ψ; vision: the backbone's :class:`~densevlm.config.talk2dino.Talk2DINOVisionConfig`;
+            text_model: the CLIP text model ψ was trained on (the caller reads a run directory's recipe for them).
+        """
+        backbone = create_patch_backbone(vision, device=device or "cpu")
+        templates = get_templates(cfg.text.templates, this_is_prefix=cfg.text.this_is_prefix)
+        class_text = clip_space_class_embeddings(text_model, text_vocabulary, templates,
+                                                 batch_size=cfg.text.batch_size)
+        t = cfg.talk2dino
+        return cls(backbone, psi, class_text, text_vocabulary.names, bg_clean=t.bg_clean, lambda_bg=t.lambda_bg,
+                   pamr=t.pamr)
+
     @property
     def model(self) -> PatchBackbone:
         """The backbone (what evaluation results name as the segmenter's model)."""
@@ -145,49 +168,3 @@ class Talk2DINOSegmenter(Segmenter):
         mask, _ = self.scores(padded)
         mask = upsample_to_input(mask, padded, images.shape[-2:])
         return pamr(images, mask) if self.pamr else mask
-
-
-def build_talk2dino_segmenter(cfg: Any, text_vocabulary: Any, *, text_model: Any = None,
-                              device: Optional[torch.device] = None, progress: bool = True) -> Talk2DINOSegmenter:
-    """The segmenter of a :class:`~densevlm.config.semseg.SemSegEvalConfig` with ``segmenter: talk2dino``.
-
-    ψ, the backbone and the CLIP text model come from ``cfg.talk2dino.psi`` (a run directory records the other
-    two); ``cfg.talk2dino.vision`` and ``cfg.model`` override them (and are required with a bare ψ file).
-    """
-    from pathlib import Path
-
-    from densevlm.config.core import ConfigError, from_dict, read_yaml
-    from densevlm.config.talk2dino import Talk2DINOVisionConfig
-    from densevlm.methods.talk2dino import read_projection
-    from densevlm.models import create_backbone
-    from densevlm.models.patch_attention import create_patch_backbone
-    from densevlm.vocab.templates import get_templates
-
-    t = cfg.talk2dino
-    if not t.psi:
-        raise ConfigError("talk2dino.psi: required with segmenter 'talk2dino' (a `densevlm talk2dino train` run "
-                          "directory or a ψ weights file)")
-    vision, text_spec = t.vision, cfg.model if (cfg.model.name or cfg.model.pretrained) else None
-    run_config = Path(t.psi) / "config.yaml"
-    if run_config.is_file():
-        recorded = read_yaml(run_config)
-        if vision is None:
-            vision = from_dict(Talk2DINOVisionConfig, recorded["vision"])
-        if text_spec is None and text_model is None:
-            from densevlm.config.model import ModelSpec
-
-            text_spec = from_dict(ModelSpec, recorded["text"])
-    if vision is None:
-        raise ConfigError(f"talk2dino.vision: required when talk2dino.psi ({t.psi}) is a weights file, not a run "
-                          "directory")
-    if text_model is None:
-        if text_spec is None:
-            raise ConfigError(f"model: the CLIP text model is required when talk2dino.psi ({t.psi}) is a weights "
-                              "file, not a run directory")
-        text_model = create_backbone(text_spec, device=device or "cpu")
-    backbone = create_patch_backbone(vision, device=device or "cpu")
-    psi = read_projection(t.psi)
-    templates = get_templates(cfg.text.templates, this_is_prefix=cfg.text.this_is_prefix)
-    class_text = clip_space_class_embeddings(text_model, text_vocabulary, templates, batch_size=cfg.text.batch_size)
-    return Talk2DINOSegmenter(backbone, psi, class_text, text_vocabulary.names, bg_clean=t.bg_clean,
-                              lambda_bg=t.lambda_bg, pamr=t.pamr)

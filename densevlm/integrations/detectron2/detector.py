@@ -25,6 +25,7 @@ import torch
 from densevlm.config import to_dict
 from densevlm.config.detection import DetectionConfig
 from densevlm.integrations.detectron2 import require_detectron2
+from densevlm.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,8 @@ def register_splits(cfg: DetectionConfig) -> tuple[str, str]:
 
 
 def _device(cfg: DetectionConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+    # "auto" resolves as everywhere; an explicit device is handed to detectron2 as written.
+    return str(resolve_device("auto")) if cfg.device == "auto" else cfg.device
 
 
 def training_images(train_name: str) -> int:
