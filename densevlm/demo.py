@@ -13,7 +13,7 @@ Stages (each reused on a re-run when its outputs exist and its config is unchang
    classes, per-class IoU bars and prediction overlays.
 
 ``densevlm demo --seeds N`` (densevlm/demo_seeds.py) repeats stages 3-6 of the students over N training seeds and
-reports mean ± std; ``--detection`` and ``--talk2dino`` are separate stages too (demo_detection.py,
+reports mean ± std; ``demo detection`` and ``demo talk2dino`` are separate stages too (demo_detection.py,
 demo_talk2dino.py).
 """
 

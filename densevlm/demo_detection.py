@@ -1,4 +1,4 @@
-"""``densevlm demo --detection``: the demo's detection column, a separate timed stage.
+"""``densevlm demo detection``: the demo's detection column, a separate timed stage.
 
 The same toy detector recipe (``DemoConfig.detection``, ``configs/det/toy.yaml``) is trained on the demo world's
 base (seen) classes on three frozen backbones that differ only in their weights: the base student (zoo

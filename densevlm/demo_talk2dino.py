@@ -1,4 +1,4 @@
-"""``densevlm demo --talk2dino``: Talk2DINO on the toy world, timed, beside the dense-CLIP segmenter.
+"""``densevlm demo talk2dino``: Talk2DINO on the toy world, timed, beside the dense-CLIP segmenter.
 
 1. the toy world (the demo's own, reused);
 2. Talk2DINO's ψ trained on the toy train captions: features of the frozen backbone (a zoo toy CLIP's visual tower;

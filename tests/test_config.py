@@ -78,7 +78,7 @@ def test_shipped_recipes_load():
     """Every YAML recipe in configs/ loads into its config class without error."""
     from pathlib import Path
 
-    from densevlm.cli import recipe_class
+    from densevlm.config.recipes import recipe_class
 
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.rglob("*.yaml"))

@@ -197,7 +197,7 @@ def test_zoo_pretraining_recipe_runs_a_few_steps_and_its_loss_falls(world, tmp_p
 
 
 def test_every_zoo_recipe_loads_and_names_its_architecture():
-    from densevlm.cli import recipe_class
+    from densevlm.config.recipes import recipe_class
     from densevlm.config import load_config
 
     for r in RECIPES:

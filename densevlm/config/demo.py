@@ -57,7 +57,7 @@ def _demo_densevlm() -> AlignConfig:
 
 
 def _demo_detection() -> DetectionConfig:
-    """``--detection``: the toy detector recipe (configs/det/toy.yaml) for a fixed number of iterations on the
+    """``demo detection``: the toy detector recipe (configs/det/toy.yaml) for a fixed number of iterations on the
     demo world (its 4000 training images would make 6 epochs too long for a CPU stage), scored on 200 val images."""
     cfg = toy_detection_config()
     cfg.solver.max_iter = 300
@@ -110,6 +110,6 @@ class DemoConfig:
     eval: DemoEvalConfig = field(default_factory=DemoEvalConfig)
     semseg: DemoSemSegConfig = field(default_factory=DemoSemSegConfig)
     zoo_build: ZooBuildConfig = field(default_factory=ZooBuildConfig)
-    talk2dino: DemoTalk2DINOConfig = field(default_factory=DemoTalk2DINOConfig)  # `densevlm demo --talk2dino`
-    detection: DetectionConfig = field(default_factory=_demo_detection)  # `densevlm demo --detection` only
+    talk2dino: DemoTalk2DINOConfig = field(default_factory=DemoTalk2DINOConfig)  # `densevlm demo talk2dino`
+    detection: DetectionConfig = field(default_factory=_demo_detection)  # `densevlm demo detection` only
     grid_images: int = 8  # images in the toy-world contact sheet

@@ -139,7 +139,7 @@ class Talk2DINOSegmenterConfig:
 
 @dataclass
 class DemoTalk2DINOConfig:
-    """``densevlm demo --talk2dino``: ψ trained on the toy captions, then toy-val segmentation beside dense CLIP.
+    """``densevlm demo talk2dino``: ψ trained on the toy captions, then toy-val segmentation beside dense CLIP.
 
     ``backbone``: the zoo model (or run directory) whose visual tower is the frozen backbone and whose text tower
     embeds the captions. The toy world has no DINOv2, so a contrastively pre-trained, never dense-tuned toy CLIP
