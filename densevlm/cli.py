@@ -235,7 +235,8 @@ def _det_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
     from densevlm.models import create_backbone
-    from densevlm.models.layouts import export_model, verify_export
+    from densevlm.models.export_check import verify_export
+    from densevlm.models.layouts import export_model
     from densevlm.models.model_arg import spec_from_model_arg
 
     model = create_backbone(spec_from_model_arg(args.model, args.name))

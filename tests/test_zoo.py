@@ -16,7 +16,7 @@ from densevlm.config import from_dict
 from densevlm.config.model import ModelSpec
 from densevlm.config.toyworld import ToyWorldConfig
 from densevlm.models import create_backbone
-from densevlm.models.checkpoints import sha256_file, sha256_state_dict
+from densevlm.utils.hashing import sha256_file, sha256_state_dict
 from densevlm.zoo.build import RECIPES
 from densevlm.zoo.publish import publish
 from densevlm.zoo.registry import WEIGHTS_DIR, ZooError

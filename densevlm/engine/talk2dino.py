@@ -25,7 +25,7 @@ from densevlm.data.transforms import to_tensor
 from densevlm.engine.run_dir import prepare_run_dir_once
 from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection
-from densevlm.models.checkpoints import sha256_file
+from densevlm.utils.hashing import sha256_file
 from densevlm.models.patch_attention import PatchBackbone, attention_pool, create_patch_backbone
 
 log = logging.getLogger(__name__)
