@@ -345,7 +345,7 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from densevlm.zoo.build import build_zoo
+    from densevlm.tasks.zoo_build import build_zoo
     from densevlm.zoo.registry import WEIGHTS_DIR
 
     publish = None
