@@ -82,7 +82,7 @@ def models_stage(cfg: DemoConfig, from_scratch: bool) -> dict[str, ModelSpec]:
                   f"{entry.info.get('wall_seconds', 0):.0f}s on {entry.info.get('hardware', '?')}; {entry.quality()})")
             specs[role] = ModelSpec(name=name)
         return specs
-    from densevlm.zoo.build import RECIPES, build_zoo
+    from densevlm.tasks.zoo_build import RECIPES, build_zoo
 
     root = Path(cfg.output_dir) / "zoo_from_scratch"
     by_name = {r.name: r for r in RECIPES}

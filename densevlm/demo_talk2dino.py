@@ -78,7 +78,7 @@ def run_talk2dino_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any
     from densevlm.demo import train_stage, world_stage
     from densevlm.engine.talk2dino import run_talk2dino_train
     from densevlm.evaluation.semseg import RESULT_FILE, evaluate_semseg, format_table
-    from densevlm.models.checkpoints import sha256_file
+    from densevlm.utils.hashing import sha256_file
 
     t0 = time.time()
     world = world_stage(cfg, fresh)

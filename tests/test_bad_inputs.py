@@ -210,7 +210,7 @@ def zoo_env(env: Env, corrupt: bool = False, drop: Optional[str] = None) -> Iter
     zoo = env.tmp / "zoo"
     zoo.mkdir()
     weights = Path(env.weights(TINY, "tiny.safetensors")).rename(zoo / "tiny.safetensors")
-    from densevlm.models.checkpoints import sha256_file
+    from densevlm.utils.hashing import sha256_file
 
     row = {"architecture": TOY, "file": weights.name, "sha256": "0" * 64 if corrupt else sha256_file(weights)}
     row.pop(drop, None)
@@ -309,7 +309,7 @@ def _resume_after(env: Env, damage: Callable[[Path], None]) -> list[str]:
 def _swap_model(ckpt: Path) -> None:
     """Replace the checkpoint by one of a model with other shapes, with a valid checksum (someone copied it in)."""
     from densevlm.engine.checkpoint import LATEST
-    from densevlm.models.checkpoints import sha256_file
+    from densevlm.utils.hashing import sha256_file
 
     state = torch.load(ckpt, weights_only=True)
     state["model"] = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim else v

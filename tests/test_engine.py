@@ -164,7 +164,7 @@ def _step_cfg(**loop) -> RunCfg:
 
 
 def test_step_checkpoints_keep_the_last_n_with_checksums(tmp_path):
-    from densevlm.models.checkpoints import sha256_file
+    from densevlm.utils.hashing import sha256_file
 
     run = _train(tmp_path / "r", _step_cfg())  # 48 points / batch 8: 6 steps per epoch, 18 in all
     pointer = json.loads((run / "checkpoints" / "latest.json").read_text())

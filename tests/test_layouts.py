@@ -16,7 +16,8 @@ from densevlm.cli import main as cli_main
 from densevlm.config import ConfigError
 from densevlm.models import ExportError, ModelSpec, create_backbone, export_model, writable_layouts
 from densevlm.models.checkpoints import read_checkpoint
-from densevlm.models.layouts import LAYOUTS, reload_spec, verify_export
+from densevlm.models.export_check import verify_export
+from densevlm.models.layouts import LAYOUTS, reload_spec
 from densevlm.models.layouts import open_clip as open_clip_layout
 from densevlm.models.layouts.eva_reference import infer_reference_config
 from densevlm.models.layouts.openai import EXTRA_KEYS

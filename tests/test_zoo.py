@@ -16,8 +16,8 @@ from densevlm.config import from_dict
 from densevlm.config.model import ModelSpec
 from densevlm.config.toyworld import ToyWorldConfig
 from densevlm.models import create_backbone
-from densevlm.models.checkpoints import sha256_file, sha256_state_dict
-from densevlm.zoo.build import RECIPES
+from densevlm.utils.hashing import sha256_file, sha256_state_dict
+from densevlm.tasks.zoo_build import RECIPES
 from densevlm.zoo.publish import publish
 from densevlm.zoo.registry import WEIGHTS_DIR, ZooError
 
@@ -212,7 +212,7 @@ def test_every_zoo_recipe_loads_and_names_its_architecture():
 
 def test_zoo_build_and_publish_never_touch_the_shipped_zoo(tmp_path):
     """A tiny end-to-end `zoo build` (the recipes with test overrides) publishing into a folder of its own."""
-    from densevlm.zoo.build import build_zoo
+    from densevlm.tasks.zoo_build import build_zoo
 
     shipped = {p.name: p.stat().st_mtime_ns for p in WEIGHTS_DIR.iterdir()}
     tiny = ["loop.epochs=1", "loop.batch_size=16", "eval.max_images=8", f"model.model_overrides={json.dumps(TINY)}"]
@@ -252,7 +252,7 @@ def test_learning_curves_tool_draws_the_shipped_curves(tmp_path):
 
 @pytest.fixture(scope="module")
 def subset_world(tmp_path_factory) -> Path:
-    from densevlm.zoo.quality import subset_world
+    from densevlm.tasks.zoo_quality import subset_world
 
     return subset_world(tmp_path_factory.mktemp("zoo_subset") / "world", REPO / "configs/toyworld/zoo.yaml",
                         workers=2)
@@ -263,7 +263,7 @@ def test_shipped_quality_on_the_first_toy_val_images_matches_the_manifest(subset
     """The shipped student and DenseVLM teacher, re-measured (reference region protocol, 192 px, first 100 toy-val
     images), stay within 2 points of what the manifest recorded for that subset: weights, loader, dense path and
     evaluator together still give the published model."""
-    from densevlm.zoo.quality import SUBSET_IMAGES, SUBSET_KEYS, subset_quality
+    from densevlm.tasks.zoo_quality import SUBSET_IMAGES, SUBSET_KEYS, subset_quality
 
     recorded = zoo.get_entry(name).info["quality_subset"]
     assert recorded["images"] == SUBSET_IMAGES and recorded["image_size"] == 192
@@ -271,3 +271,17 @@ def test_shipped_quality_on_the_first_toy_val_images_matches_the_manifest(subset
     for key in SUBSET_KEYS:
         assert abs(got[key] - recorded[key]) <= 2.0, (name, key, got[key], recorded[key])
     assert len(json.loads((subset_world / "annotations/panoptic_val.json").read_text())["images"]) == SUBSET_IMAGES
+
+
+def test_zoo_build_finds_its_recipes_outside_a_checkout_or_names_the_missing_one(tmp_path):
+    """``zoo build`` runs library calls, not the CLI from the repository: recipes come from ``recipes_dir``
+    when the package is installed without configs/, and a missing one is named."""
+    from densevlm.config import ConfigError
+    from densevlm.tasks.zoo_build import recipe_path
+
+    assert recipe_path("configs/pretrain/zoo_student.yaml") == REPO / "configs/pretrain/zoo_student.yaml"
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "zoo_student.yaml").write_text("{}\n")
+    assert recipe_path("configs/pretrain/zoo_student.yaml", tmp_path) == tmp_path / "pretrain" / "zoo_student.yaml"
+    with pytest.raises(ConfigError, match=r"recipe configs/train/clipself_zoo_teacher\.yaml not found"):
+        recipe_path("configs/train/clipself_zoo_teacher.yaml", tmp_path)

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from densevlm.models import ModelSpec, create_backbone, export_model  # noqa: E402
-from densevlm.models.layouts import LAYOUTS, verify_export, writable_layouts  # noqa: E402
+from densevlm.models.export_check import verify_export  # noqa: E402
+from densevlm.models.layouts import LAYOUTS, writable_layouts  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 GOLDEN_ROW = "EVA02 golden reference checkpoint (CLIPSelf/DenseVLM format)"

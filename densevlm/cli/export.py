@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from densevlm.models import create_backbone  # torch and the models load only when a command runs
-    from densevlm.models.layouts import export_model, verify_export
+    from densevlm.models.export_check import verify_export
+    from densevlm.models.layouts import export_model
     from densevlm.models.model_arg import spec_from_model_arg
 
     model = create_backbone(spec_from_model_arg(args.model, args.name))

@@ -48,7 +48,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from densevlm.zoo.build import build_zoo  # the recipes' jobs load torch and the models only when it runs
+    from densevlm.tasks.zoo_build import build_zoo  # the recipes' jobs load torch and the models only when it runs
     from densevlm.zoo.registry import WEIGHTS_DIR
 
     publish = None

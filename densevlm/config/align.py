@@ -7,9 +7,9 @@ from typing import Literal, Optional
 
 from densevlm.config.evaluation import PanopticDataConfig, RegionTextConfig
 from densevlm.config.model import ModelSpec
+from densevlm.config.sources import ImageSourceConfig
 from densevlm.config.train import LoopConfig, OptimConfig
 from densevlm.config.vocab import TextEmbeddingConfig
-from densevlm.data.sources import ImageSourceConfig
 
 
 @dataclass

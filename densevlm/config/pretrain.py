@@ -36,12 +36,7 @@ class ZeroShotConfig:
     vocabulary: str = ""  # a vocabulary name or file; empty = the panoptic json's categories
     templates: str = "vild"
     batch_size: int = 64
-    max_images: Optional[int] = None
-
-    def validate(self) -> None:
-        from densevlm.vocab import get_templates
-
-        get_templates(self.templates)  # an unknown template set fails at load time, not after training
+    max_images: Optional[int] = None  # ``templates`` is checked by run_pretrain before anything runs
 
 
 @dataclass

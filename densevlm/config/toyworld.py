@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
+
+# The toy world's category names, in category-id order: plain data, so that a config naming a novel category
+# is checked when it is loaded. ``densevlm/toyworld/categories.py`` defines each category under these names
+# and refuses to import if the two lists differ.
+THING_NAMES: tuple[str, ...] = ("boat", "car", "bicycle", "airplane", "person", "bird", "fish", "cow", "cat", "tree",
+                                "flower", "mushroom", "house", "snowman", "umbrella", "kite", "balloon", "sun",
+                                "clock", "chair")
+STUFF_NAMES: tuple[str, ...] = ("sky", "water", "grass", "road", "snow", "sand", "brick wall", "wooden floor")
 
 # Keys of the object-centric mix whose values must be fractions in [0, 1]; the share itself is checked apart.
 _CLOSEUP_PROBS = ("stuff_closeup_share", "object_partial_prob", "object_plain_prob", "object_two_stuff_prob",
@@ -111,9 +119,6 @@ class ToyWorldConfig:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = in-process), got {self.workers}")
         if self.novel_categories is not None:
-            # The category table is plain data; imported here so that a misspelt name fails at load time.
-            from densevlm.toyworld.categories import check_novel_names
-
             check_novel_names(self.novel_categories)
 
     def _validate_closeups(self) -> None:
@@ -138,3 +143,17 @@ class ToyWorldConfig:
             raise ValueError(f"max_object_offset must be in [0, 0.5] of the side, got {self.max_object_offset}")
         if not 0.0 < self.min_object_visible <= 1.0:
             raise ValueError(f"min_object_visible must be in (0, 1], got {self.min_object_visible}")
+
+
+def check_novel_names(names: Sequence[str]) -> None:
+    """Raise ValueError unless ``names`` are distinct known categories leaving at least one seen thing and stuff."""
+    known = set(THING_NAMES) | set(STUFF_NAMES)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"novel_categories: unknown categories {unknown}; known: {', '.join(THING_NAMES + STUFF_NAMES)}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"novel_categories: duplicate names in {list(names)}")
+    if set(THING_NAMES) <= set(names) or set(STUFF_NAMES) <= set(names):
+        raise ValueError("novel_categories: at least one thing and one stuff category must stay seen (base)")

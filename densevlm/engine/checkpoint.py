@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from densevlm.models.checkpoints import sha256_file
+from densevlm.utils.hashing import sha256_file
 from densevlm.utils.io import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from densevlm.config.core import ConfigError
 from densevlm.config.pretrain import PretrainConfig
 from densevlm.data.captions import CaptionCollator, CaptionDataset
 from densevlm.engine.run_dir import prepare_run_dir_once
@@ -15,6 +16,7 @@ from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.evaluation.zero_shot import image_zero_shot
 from densevlm.methods.contrastive import ContrastiveObjective
 from densevlm.models import create_backbone
+from densevlm.vocab import get_templates
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,10 @@ def zero_shot_eval(model: Any, cfg: PretrainConfig, image_size: int, progress: b
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, overwrite: bool = False,
                  stop_after_epoch: Optional[int] = None) -> FitResult:
     """Pre-train ``cfg.model`` and write a run directory (config.yaml, weights.safetensors, metrics.json, tb)."""
+    try:  # an unknown template set fails before anything runs, not after training (config holds no vocab code)
+        get_templates(cfg.eval.templates)
+    except ValueError as err:
+        raise ConfigError(f"eval: {err}") from None
     if not cfg.data.captions_json or not cfg.data.image_root:
         raise ValueError("pretrain needs data.captions_json (a COCO captions json) and data.image_root (the folder "
                          "its file_name entries are in); set them in the config or with --set")

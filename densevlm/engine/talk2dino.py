@@ -25,9 +25,10 @@ from densevlm.data.transforms import to_tensor
 from densevlm.engine.run_dir import prepare_run_dir_once
 from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection
-from densevlm.models.checkpoints import sha256_file
 from densevlm.models.patch_attention import PatchBackbone, attention_pool, create_patch_backbone
 from densevlm.utils.device import resolve_device
+from densevlm.utils.hashing import sha256_file
+from densevlm.vocab.embeddings import encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,8 @@ def cache_dir_of(cfg: Talk2DINOTrainConfig) -> Path:
 def encode_captions(text_model: Any, captions: list[str], batch_size: int = 256,
                     progress: bool = True) -> torch.Tensor:
     """(C, T) CLIP text embeddings (``encode_text``: EOT token after the text projection), not normalised."""
-    out = []
-    for start in tqdm(range(0, len(captions), batch_size), desc="caption embeddings", unit="batch",
-                      disable=not progress):
-        out.append(text_model.encode_text(text_model.tokenizer(captions[start:start + batch_size])).float().cpu())
-    return torch.cat(out)
+    return encode_texts(text_model, captions, batch_size=batch_size, progress=progress, normalize=False,
+                        desc="caption embeddings")
 
 
 @torch.no_grad()

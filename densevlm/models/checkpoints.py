@@ -9,7 +9,6 @@ holding a raw ``{name: tensor}`` dict or one under a ``"state_dict"`` entry (the
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,29 +38,6 @@ class LoadedCheckpoint:
     stripped_prefix: str  # "" or "module."
     extras: dict[str, Any] = field(default_factory=dict)  # non-tensor entries beside "state_dict" (epoch, name)
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
-
-
-# --------------------------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Hex sha256 over names, dtypes, shapes and bytes of a state dict (order-independent)."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # view as bytes first: numpy has no bfloat16, and this hashes the exact stored bits
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- reading

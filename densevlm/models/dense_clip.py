@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densevlm.models.checkpoints import save_weights, sha256_state_dict
+from densevlm.models.checkpoints import save_weights
+from densevlm.utils.hashing import sha256_state_dict
 from densevlm.models.pooling import BoxesArg, MasksArg, pool_boxes, pool_masks
 from densevlm.models.positional import resize_abs_pos_embed
 

@@ -21,9 +21,11 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from timm.models.eva import Eva
 
+from densevlm import zoo
 from densevlm.config.core import ConfigError, from_dict, read_yaml, to_dict
 from densevlm.config.model import ModelSpec
-from densevlm.models.checkpoints import LoadedCheckpoint, read_checkpoint, sha256_file
+from densevlm.models.checkpoints import LoadedCheckpoint, read_checkpoint
+from densevlm.utils.hashing import sha256_file
 from densevlm.models.dense_clip import DenseCLIP
 from densevlm.models.eva import EvaDense
 from densevlm.models.layouts import infer_model_name, load_checkpoint_into, register_config_path
@@ -66,8 +68,6 @@ def resolve_model_name(name: str) -> str:
 
     A path to a model-config JSON (open_clip's format, or a reference ``eva_clip`` config) registers it first.
     """
-    from densevlm import zoo
-
     if name.endswith(".json") and Path(name).expanduser().is_file():
         return register_config_path(Path(name).expanduser())
     resolved = zoo.architecture(name) or REFERENCE_NAME_ALIASES.get(name, name).replace("/", "-")
@@ -85,8 +85,6 @@ def resolve_model_name(name: str) -> str:
 
 def resolve_zoo_spec(spec: ModelSpec) -> ModelSpec:
     """A zoo name as ``name`` (with no ``pretrained``) or as ``pretrained`` means its verified shipped weights."""
-    from densevlm import zoo
-
     if spec.pretrained and zoo.is_zoo_name(spec.pretrained) and not Path(spec.pretrained).exists():
         entry = zoo.get_entry(spec.pretrained)
         if spec.name and resolve_model_name(spec.name) != entry.architecture:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densevlm.models.checkpoints import sha256_file, sha256_state_dict
+from densevlm.utils.hashing import sha256_file, sha256_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:
-    from densevlm.config.toyworld import ToyWorldConfig
+from densevlm.config.toyworld import STUFF_NAMES, THING_NAMES, ToyWorldConfig, check_novel_names
 
 RGB = tuple[int, int, int]
 
@@ -128,8 +127,9 @@ STUFF: tuple[StuffDef, ...] = (
              preposition="on the", adjectives=("brown", "polished"), mass_noun=False),
 )
 
-THING_NAMES: tuple[str, ...] = tuple(t.name for t in THINGS)
-STUFF_NAMES: tuple[str, ...] = tuple(s.name for s in STUFF)
+if tuple(t.name for t in THINGS) != THING_NAMES or tuple(s.name for s in STUFF) != STUFF_NAMES:
+    raise ImportError("densevlm/toyworld/categories.py: THINGS and STUFF must define exactly the names of "
+                      "THING_NAMES and STUFF_NAMES in densevlm/config/toyworld.py, in the same order")
 
 # Plurals that the simple spelling rules get wrong; captions count things ("two people", "three fish").
 _IRREGULAR_PLURALS = {
@@ -194,26 +194,12 @@ def stuff_def(name: str) -> StuffDef:
     return d
 
 
-def check_novel_names(names: Sequence[str]) -> None:
-    """Raise ValueError unless ``names`` are distinct known categories leaving at least one seen thing and stuff."""
-    known = set(THING_NAMES) | set(STUFF_NAMES)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(
-            f"novel_categories: unknown categories {unknown}; known: {', '.join(THING_NAMES + STUFF_NAMES)}"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError(f"novel_categories: duplicate names in {list(names)}")
-    if set(THING_NAMES) <= set(names) or set(STUFF_NAMES) <= set(names):
-        raise ValueError("novel_categories: at least one thing and one stuff category must stay seen (base)")
-
-
 def _ranked(names: Sequence[str], seed: int) -> list[str]:
     # A hash, not a numpy RNG, so the split is the same under any numpy version.
     return sorted(names, key=lambda n: hashlib.sha256(f"toyworld-novel:{seed}:{n}".encode()).hexdigest())
 
 
-def novel_names(cfg: "ToyWorldConfig") -> list[str]:
+def novel_names(cfg: ToyWorldConfig) -> list[str]:
     """The novel categories: ``cfg.novel_categories`` if given, else ``round(novel_fraction * n)`` things and
     ``round(novel_fraction * n)`` stuff chosen deterministically from ``cfg.seed``."""
     if cfg.novel_categories is not None:
@@ -227,7 +213,7 @@ def novel_names(cfg: "ToyWorldConfig") -> list[str]:
     return chosen
 
 
-def categories(cfg: "ToyWorldConfig") -> list[dict]:
+def categories(cfg: ToyWorldConfig) -> list[dict]:
     """The category table of ``world.json``: things then stuff, ids 1..N in that order.
 
     Each entry: ``id, name, isthing (0|1), novel, synonyms, preferred_stuff (things; null for stuff), color``.

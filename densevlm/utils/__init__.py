@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic file writes, run directories, seeding."""
+"""Small shared helpers: atomic file writes, hashing, run directories, seeding."""

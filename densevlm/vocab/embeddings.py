@@ -80,16 +80,21 @@ def class_prompts(vocabulary: Vocabulary, templates: TemplateSet) -> list[list[l
 
 
 def encode_texts(
-    model: TextEncoder, texts: Sequence[str], *, batch_size: int = 256, progress: bool = False
+    model: TextEncoder, texts: Sequence[str], *, batch_size: int = 256, progress: bool = False,
+    normalize: bool = True, desc: str = "text embeddings",
 ) -> torch.Tensor:
-    """Encode sentences in batches under no_grad; float32 rows on the CPU, each L2-normalised."""
+    """Encode sentences in batches under no_grad, in eval mode; float32 rows on the CPU.
+
+    The one batched text encoder of the package. Rows are L2-normalised unless ``normalize`` is false (Talk2DINO
+    works with the raw ``encode_text`` outputs).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model_device(model)
     out = []
     starts = range(0, len(texts), batch_size)
     with torch.no_grad(), _eval_mode(model):
-        for start in tqdm(starts, desc="text embeddings", unit="batch", disable=not progress):
+        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
             chunk = list(texts[start : start + batch_size])
             tokens = model.tokenizer(chunk)
             emb = model.encode_text(tokens.to(device))
@@ -99,7 +104,7 @@ def encode_texts(
                     f"expected ({len(chunk)}, D)"
                 )
             # Normalise in float32: half-precision towers would otherwise lose the small per-template differences.
-            out.append(F.normalize(emb.float(), dim=-1).cpu())
+            out.append((F.normalize(emb.float(), dim=-1) if normalize else emb.float()).cpu())
     return torch.cat(out, dim=0)
 
 

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from densevlm.utils.hashing import sha256_file, sha256_state_dict
 from densevlm.utils.io import atomic_save, atomic_write_json
 from densevlm.zoo.registry import (
     MANIFEST_FORMAT,
@@ -48,8 +49,6 @@ def publish(
         overwrite: replace an existing entry of that name.
     """
     from safetensors.torch import load_file, save_file
-
-    from densevlm.models.checkpoints import sha256_file, sha256_state_dict
 
     wdir = zoo_dir(weights_dir)
     mpath = manifest_path(wdir)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from densevlm.utils.hashing import sha256_file, sha256_state_dict
 from densevlm.utils.io import atomic_save, read_json
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the shipped zoo
@@ -114,19 +115,13 @@ def architecture(name: str, weights_dir: Optional[Path] = None) -> Optional[str]
     return entries[name].architecture if name in entries else None
 
 
-def _sha256(path: Path) -> str:
-    from densevlm.models.checkpoints import sha256_file
-
-    return sha256_file(path)
-
-
 def verified_file(entry: ZooEntry, weights_dir: Optional[Path] = None) -> Path:
     """The entry's own file, after checking it exists and matches the manifest's sha256."""
     path = zoo_dir(weights_dir) / entry.file
     if not path.is_file():
         raise ZooError(f"zoo model '{entry.name}': weights file {path} is missing (expected sha256 {entry.sha256}); "
                        "reinstall the package or rebuild it with `densevlm zoo build`")
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != entry.sha256:
         raise ZooError(f"zoo model '{entry.name}': weights file {path} is corrupted: sha256 {actual}, "
                        f"expected {entry.sha256}")
@@ -146,8 +141,6 @@ def weights_path(name: str, weights_dir: Optional[Path] = None) -> Path:
     if not entry.full_sha256:
         raise ZooError(f"zoo model '{name}': manifest entry has a base but no full_sha256")
     from safetensors.torch import load_file, save_file
-
-    from densevlm.models.checkpoints import sha256_state_dict
 
     # The assembled file is checked by the hash of its tensors (names, dtypes, shapes, bytes), which does not
     # depend on how a safetensors version lays out the file.

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LAYOUTS", "READ_ORDER", "ExportError", "Layout", "convert_to_model_layout", "export_model",
-    "infer_model_name", "load_checkpoint_into", "reload_spec", "verify_export", "writable_layouts",
+    "infer_model_name", "load_checkpoint_into", "reload_spec", "writable_layouts",
 ]
 
 #: every writable layout by its export name
@@ -238,29 +238,3 @@ def reload_spec(model: "DenseCLIP", layout_name: str, out: str | Path):
         return ModelSpec(pretrained=str(out))
     # openai / eva_reference files hold no config: build the exported model's own architecture
     return ModelSpec(name=register_config(model.model_cfg, model.name), pretrained=str(out))
-
-
-def verify_export(model: "DenseCLIP", layout_name: str, out: str | Path, *, seed: int = 0) -> dict[str, float]:
-    """Reload an export through the layout's reader and compare it with ``model``.
-
-    Returns the max abs differences of the dense map (at the native size and at 1.5x, which exercises the
-    position-embedding and RoPE interpolation), the image and the text embeddings.
-    """
-    from densevlm.models.factory import create_backbone
-
-    reloaded = create_backbone(reload_spec(model, layout_name, out))
-    device = next(model.parameters()).device
-    reloaded = reloaded.to(device)
-    gen = torch.Generator().manual_seed(seed)
-    size = model.native_image_size
-    big = size * 3 // 2 // model.patch_size * model.patch_size
-    images = torch.randn(1, 3, size, size, generator=gen).to(device)
-    images_big = torch.randn(1, 3, big, big, generator=gen).to(device)
-    tokens = model.tokenizer(["a photo of a cat.", "wall, brick"])
-    with torch.no_grad():
-        return {
-            "dense": (reloaded.encode_dense(images) - model.encode_dense(images)).abs().max().item(),
-            f"dense_{big}px": (reloaded.encode_dense(images_big) - model.encode_dense(images_big)).abs().max().item(),
-            "image": (reloaded.encode_image(images) - model.encode_image(images)).abs().max().item(),
-            "text": (reloaded.encode_text(tokens) - model.encode_text(tokens)).abs().max().item(),
-        }

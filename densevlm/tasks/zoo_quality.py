@@ -12,8 +12,18 @@ generated with no training images and ``SUBSET_IMAGES`` val images holds exactly
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
+
+from densevlm.config import load_config
+from densevlm.config.evaluation import RegionEvalConfig
+from densevlm.config.model import ModelSpec
+from densevlm.config.toyworld import ToyWorldConfig
+from densevlm.evaluation.regions import evaluate_regions
+from densevlm.toyworld import generate_world
+from densevlm.utils.io import atomic_write_json
+from densevlm.zoo.registry import load_manifest, manifest_path
 
 SUBSET_IMAGES = 100
 SUBSET_IMAGE_SIZE = 192  # the demo's resolution
@@ -25,10 +35,6 @@ def subset_world(root: str | Path, world_recipe: Optional[str | Path] = None, wo
 
     ``world_recipe``: the zoo world's YAML (default: the statistics and seed of ``ToyWorldConfig``'s defaults,
     which the zoo world shares)."""
-    from densevlm.config import load_config
-    from densevlm.config.toyworld import ToyWorldConfig
-    from densevlm.toyworld import generate_world
-
     cfg = load_config(ToyWorldConfig, world_recipe, ["num_train=0", f"num_val={SUBSET_IMAGES}",
                                                      f"workers={workers}"])
     root = Path(root)
@@ -39,10 +45,6 @@ def subset_world(root: str | Path, world_recipe: Optional[str | Path] = None, wo
 def subset_quality(model: Any, world: str | Path, output_dir: str | Path, device: str = "auto",
                    num_workers: int = 0) -> dict[str, Any]:
     """The two region keys of ``model`` (a zoo name, a run directory or a ``DenseCLIP``) on the subset."""
-    from densevlm.config.evaluation import RegionEvalConfig
-    from densevlm.config.model import ModelSpec
-    from densevlm.evaluation.regions import evaluate_regions
-
     world = Path(world)
     cfg = RegionEvalConfig(output_dir=str(output_dir), batch_size=25, num_workers=num_workers, device=device,
                            diagnostics=False)
@@ -65,11 +67,6 @@ def record_subset_quality(world: str | Path, weights_dir: Optional[str | Path] =
                           scratch: str | Path = "runs/zoo_subset_quality") -> dict[str, dict[str, Any]]:
     """Measure every model of a zoo (the shipped one by default) on the subset and write the numbers into its
     manifest (``quality_subset`` in each row, atomically). For a zoo published before the build recorded them."""
-    import json
-
-    from densevlm.utils.io import atomic_write_json
-    from densevlm.zoo.registry import load_manifest, manifest_path
-
     wdir = Path(weights_dir) if weights_dir is not None else None
     out = {name: subset_quality(name, world, Path(scratch) / name, device=device)
            for name in load_manifest(wdir)}
@@ -77,6 +74,6 @@ def record_subset_quality(world: str | Path, weights_dir: Optional[str | Path] =
     manifest = json.loads(mpath.read_text())
     for name, quality in out.items():
         manifest["models"][name]["quality_subset"] = {  # a row's extra keys are its entry's info
-            **quality, "measured": "the shipped fp16 weights, densevlm.zoo.quality.record_subset_quality"}
+            **quality, "measured": "the shipped fp16 weights, densevlm.tasks.zoo_quality.record_subset_quality"}
     atomic_write_json(mpath, manifest)
     return out
