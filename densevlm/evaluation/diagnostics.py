@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densevlm.data.transforms import resize_longest_pad, to_tensor
-from densevlm.evaluation.regions import POOLINGS, TEACHER_TEMPERATURE, TOPK
+from densevlm.evaluation.protocol import POOLINGS, TEACHER_TEMPERATURE, TOPK
 from densevlm.utils.io import atomic_write_text
 from densevlm.viz.figures import plt, save_figure
 from densevlm.vocab.vocabulary import Vocabulary

@@ -30,6 +30,7 @@ from densevlm.config.core import to_dict
 from densevlm.config.evaluation import RegionEvalConfig
 from densevlm.data.panoptic import PanopticRegionDataset, region_loader
 from densevlm.evaluation.inference import inference_on_dataset
+from densevlm.evaluation.protocol import POOLINGS, TEACHER_TEMPERATURE, TOPK
 from densevlm.evaluation.report import write_region_report
 from densevlm.utils.device import module_device, resolve_device
 from densevlm.vocab.commands import text_embeddings_from_config
@@ -38,11 +39,6 @@ from densevlm.vocab.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-#: pooling name -> the region kinds it is scored on (``rois`` on thing boxes only, as in Table 1's "Boxes").
-POOLINGS: dict[str, tuple[str, ...]] = {"rois": ("thing",), "maskpool": ("thing", "stuff")}
-TOPK: tuple[int, ...] = (1, 5)
-#: DenseVLM's teacher temperature: softmax(cos / 0.01) gives the class probabilities of the diagnostics.
-TEACHER_TEMPERATURE = 0.01
 RESULT_FILE = "regions.json"
 
 

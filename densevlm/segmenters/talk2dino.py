@@ -18,20 +18,16 @@ from densevlm.models.patch_attention import PatchBackbone, PatchFeatures, create
 from densevlm.segmenters.base import Segmenter, pad_to_patches, upsample_to_input
 from densevlm.segmenters.registry import register_segmenter
 from densevlm.vocab.templates import get_templates
+from densevlm.vocab.embeddings import class_prompts, encode_texts
 
 
 @torch.no_grad()
 def clip_space_class_embeddings(text_model: Any, vocabulary: Any, templates: Any, *,
                                 batch_size: int = 256) -> torch.Tensor:
     """(C, T): per class, the mean of the raw CLIP text embeddings over its names and templates (not normalised)."""
-    from densevlm.vocab.embeddings import class_prompts
-
     prompts = class_prompts(vocabulary, templates)
     flat = [s for cls in prompts for names in cls for s in names]
-    out = []
-    for start in range(0, len(flat), batch_size):
-        out.append(text_model.encode_text(text_model.tokenizer(flat[start:start + batch_size])).float().cpu())
-    emb = torch.cat(out)
+    emb = encode_texts(text_model, flat, batch_size=batch_size, normalize=False)
     rows, i = [], 0
     for cls in prompts:
         n = sum(len(names) for names in cls)
