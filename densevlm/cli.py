@@ -94,7 +94,7 @@ def cmd_toyworld(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- pretrain
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from densevlm.config.pretrain import PretrainConfig
-    from densevlm.engine.pretrain import run_pretrain
+    from densevlm.tasks.pretrain import run_pretrain
 
     cfg = load_config(PretrainConfig, args.config, _overrides(args))
     result = run_pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -108,7 +108,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from densevlm.config.align import AlignConfig
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
 
     cfg = load_config(AlignConfig, args.config, _overrides(args))
     result = run_align(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -123,7 +123,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     import json
 
     from densevlm.config.align import AlignConfig
-    from densevlm.engine.teacher_cache import run_cache_teacher
+    from densevlm.tasks.teacher_cache import run_cache_teacher
 
     cfg = load_config(AlignConfig, args.config, _overrides(args))
     summary = run_cache_teacher(cfg)
@@ -277,7 +277,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- talk2dino
 def cmd_talk2dino(args: argparse.Namespace) -> int:
     from densevlm.config.talk2dino import Talk2DINOTrainConfig
-    from densevlm.engine.talk2dino import run_talk2dino_cache, run_talk2dino_train
+    from densevlm.tasks.talk2dino import run_talk2dino_cache, run_talk2dino_train
 
     cfg = load_config(Talk2DINOTrainConfig, args.config, _overrides(args))
     if args.talk2dino_task == "cache":

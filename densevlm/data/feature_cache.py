@@ -25,6 +25,8 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset
 
+from densevlm.data.images import load_rgb
+from densevlm.data.transforms import resize_center_crop, to_tensor
 from densevlm.utils.io import atomic_save, atomic_write_json, read_json
 
 CACHE_FORMAT = 1
@@ -218,3 +220,16 @@ class CachedCaptionPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = int(self.cache.image_index[index])
         return {"text": self.cache.text[index], "heads": self.cache.heads[image].float(), "index": index}
+
+
+class CenterCropImages(Dataset):
+    """The images of a feature-cache build, resized (short side) and centre-cropped to ``size``, normalised."""
+
+    def __init__(self, paths: list[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.paths, self.size, self.mean, self.std = paths, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return to_tensor(resize_center_crop(load_rgb(self.paths[i]), self.size), self.mean, self.std)

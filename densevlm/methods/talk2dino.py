@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from densevlm.methods.base import ObjectiveOutput
 from densevlm.methods.contrastive import _gather_with_grad
@@ -154,3 +155,14 @@ class Talk2DINOObjective:
             usage = torch.bincount(index, minlength=heads.shape[1]).float() / index.numel()
             head_entropy = float(-(usage[usage > 0] * usage[usage > 0].log()).sum())
         return ObjectiveOutput(loss, {"t2i_acc": acc, "head_entropy": head_entropy})
+
+
+@torch.no_grad()
+def encode_captions(text_model: Any, captions: list[str], batch_size: int = 256,
+                    progress: bool = True) -> torch.Tensor:
+    """(C, T) CLIP text embeddings (``encode_text``: EOT token after the text projection), not normalised."""
+    out = []
+    for start in tqdm(range(0, len(captions), batch_size), desc="caption embeddings", unit="batch",
+                      disable=not progress):
+        out.append(text_model.encode_text(text_model.tokenizer(captions[start:start + batch_size])).float().cpu())
+    return torch.cat(out)

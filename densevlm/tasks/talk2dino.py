@@ -14,42 +14,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from densevlm.config.talk2dino import Talk2DINOTrainConfig
 from densevlm.data import feature_cache as fc
-from densevlm.data.images import load_rgb
-from densevlm.data.transforms import to_tensor
 from densevlm.engine.run_dir import prepare_run_dir_once
 from densevlm.engine.trainer import FitResult, Trainer
-from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection
+from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection, encode_captions
 from densevlm.models.checkpoints import sha256_file
 from densevlm.models.patch_attention import PatchBackbone, attention_pool, create_patch_backbone
 
 log = logging.getLogger(__name__)
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize of the short side to ``size``, then the centre ``size`` x ``size`` crop (the reference's)."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-class _Images(Dataset):
-    def __init__(self, paths: list[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.paths, self.size, self.mean, self.std = paths, size, mean, std
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return to_tensor(resize_center_crop(load_rgb(self.paths[i]), self.size), self.mean, self.std)
 
 
 def text_identity(model: Any) -> dict[str, Any]:
@@ -82,17 +58,6 @@ def _device(name: str) -> torch.device:
     from densevlm.evaluation.regions import resolve_device
 
     return resolve_device(name)
-
-
-@torch.no_grad()
-def encode_captions(text_model: Any, captions: list[str], batch_size: int = 256,
-                    progress: bool = True) -> torch.Tensor:
-    """(C, T) CLIP text embeddings (``encode_text``: EOT token after the text projection), not normalised."""
-    out = []
-    for start in tqdm(range(0, len(captions), batch_size), desc="caption embeddings", unit="batch",
-                      disable=not progress):
-        out.append(text_model.encode_text(text_model.tokenizer(captions[start:start + batch_size])).float().cpu())
-    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -129,7 +94,7 @@ def build_feature_cache(cfg: Talk2DINOTrainConfig, backbone: PatchBackbone, text
             if fc.shard_is_done(path, sha, start, count):
                 bar.update(count)
                 continue
-            data = _Images(pairs.images[start:start + count], cfg.data.image_size, backbone.image_mean,
+            data = fc.CenterCropImages(pairs.images[start:start + count], cfg.data.image_size, backbone.image_mean,
                            backbone.image_std)
             loader = DataLoader(data, batch_size=cfg.cache.batch_size, num_workers=cfg.cache.num_workers)
             heads, avg = [], []
