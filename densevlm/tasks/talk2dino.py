@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from densevlm.config.talk2dino import Talk2DINOTrainConfig
 from densevlm.data import feature_cache as fc
+from densevlm.data import stores
 from densevlm.engine.run_dir import prepare_run_dir_once
 from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection, encode_captions
@@ -85,17 +86,19 @@ def build_feature_cache(cfg: Talk2DINOTrainConfig, backbone: PatchBackbone, text
     dtype = getattr(torch, cfg.cache.dtype)
     device = next(backbone.parameters()).device
     n, size = len(pairs.images), cfg.cache.shard_size
-    shards = []
-    with tqdm(total=n, desc="image features", unit="img", disable=not progress) as bar:
-        for s, start in enumerate(range(0, n, size)):
-            count = min(size, n - start)
-            path = cache_dir / fc.shard_name(s)
-            shards.append({"file": path.name, "start": start, "count": count})
-            if fc.shard_is_done(path, sha, start, count):
-                bar.update(count)
-                continue
-            data = fc.CenterCropImages(pairs.images[start:start + count], cfg.data.image_size, backbone.image_mean,
-                           backbone.image_std)
+    starts = list(range(0, n, size))
+    counts = [min(size, n - start) for start in starts]
+    shards = [{"file": fc.shard_name(s), "start": start, "count": count}
+              for s, (start, count) in enumerate(zip(starts, counts))]
+    path_of = lambda s: cache_dir / fc.shard_name(s)  # noqa: E731
+    todo, kept = stores.plan_shards(range(len(starts)), path_of=path_of,
+                                    is_done=lambda s, path: fc.shard_is_done(path, sha, starts[s], counts[s]))
+    with tqdm(total=n, initial=sum(counts[s] for s in kept), desc="image features", unit="img",
+              disable=not progress) as bar:
+
+        def compute(s: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+            data = fc.CenterCropImages(pairs.images[starts[s]:starts[s] + counts[s]], cfg.data.image_size,
+                                       backbone.image_mean, backbone.image_std)
             loader = DataLoader(data, batch_size=cfg.cache.batch_size, num_workers=cfg.cache.num_workers)
             heads, avg = [], []
             for images in loader:
@@ -103,7 +106,9 @@ def build_feature_cache(cfg: Talk2DINOTrainConfig, backbone: PatchBackbone, text
                 heads.append(h.to("cpu", dtype))
                 avg.append(a.to("cpu", dtype))
                 bar.update(images.shape[0])
-            fc.write_shard(path, torch.cat(heads), torch.cat(avg), sha, start)
+            return fc.shard_tensors(torch.cat(heads), torch.cat(avg), sha, starts[s])
+
+        stores.write_shards(todo, path_of=path_of, compute=compute)
     text = encode_captions(text_model, pairs.captions, progress=progress)
     fc.write_text(cache_dir, text, torch.tensor(pairs.image_index), sha)
     fc.write_manifest(cache_dir, identity, shards, num_images=n, num_captions=len(pairs.captions),
