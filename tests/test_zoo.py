@@ -168,9 +168,10 @@ def test_zoo_names_work_in_every_command_that_takes_a_model(tiny_zoo, world, tmp
 
     cfg = from_dict(AlignConfig, {"student": {"name": "mini"}, "teacher": {"name": "mini-tuned"},
                                   "student_text": {"vocabulary": str(world), "templates": "single"},
-                                  "teacher_text": {"vocabulary": str(world), "templates": "single"}})
+                                  "teacher_text": {"vocabulary": str(world), "templates": "single"},
+                                  "data": {"source": {"kind": "toyworld", "path": str(world)}}})
     student = create_backbone(cfg.student)
-    parts = METHODS["densevlm"](cfg, student)
+    parts = METHODS["densevlm"](cfg, student)  # a method's builder also makes its dataset: it needs the source
     teacher, info = parts.teacher_targets.teacher, parts.info
     assert teacher.weights_id != student.weights_id and teacher.source != student.source and info["classes"] == 28
     capsys.readouterr()
