@@ -338,6 +338,13 @@ class TeacherCache:
                 added += 1
         return added
 
+    def cell_features(self, teacher: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                      autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(B, cells, D) unit-norm features of every grid cell this cache stores, from ``teacher`` (see
+        :func:`cell_features`): what the lazy mode computes for an uncached image and hands to :meth:`add`."""
+        return cell_features(teacher, images, sizes, self.meta["image_size"],
+                             [tuple(c) for c in self.meta["grid_choices"]], autocast_dtype)
+
     def add(self, index: int, features: torch.Tensor) -> None:
         """Lazy mode: queue the (cells, D) unit-norm features of image ``index`` (computed online) for the cache."""
         if self.mode != "fill" or self.rows[index] is not None or index in self._pending:

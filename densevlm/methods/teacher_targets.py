@@ -20,8 +20,6 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import nn
 
-from densevlm.data.teacher_cache import cell_features
-
 
 class TeacherTargets(Protocol):
     """The teacher's region features of a batch, and the hooks the trainer calls."""
@@ -114,7 +112,8 @@ class CachedTeacherTargets:
 
 class FillingTeacherTargets(CachedTeacherTargets):
     """The lazy mode: uncached images' features of every cell are computed once and added to ``cache`` (a
-    :class:`~densevlm.data.teacher_cache.TeacherCache` opened with ``missing="fill"``)."""
+    :class:`~densevlm.data.teacher_cache.TeacherCache` opened with ``missing="fill"``: ``cell_features``, ``add``,
+    ``sync``, ``flush``; this module imports no cache module)."""
 
     def __init__(self, online: OnlineTeacher, cache: Any) -> None:
         super().__init__(online)
@@ -126,10 +125,8 @@ class FillingTeacherTargets(CachedTeacherTargets):
         (the same boxes, bit for bit) go into ``feats``."""
         if self.online.teacher is None:
             raise RuntimeError("DenseVLM objective filling a teacher cache needs the teacher")
-        meta = self.cache.meta
         sizes = [(int(w), int(h)) for w, h in batch["size"][online].tolist()]
-        full = cell_features(self.online.teacher, batch["image"][online], sizes, meta["image_size"],
-                             [tuple(c) for c in meta["grid_choices"]], self.online.autocast)
+        full = self.cache.cell_features(self.online.teacher, batch["image"][online], sizes, self.online.autocast)
         for j, i in enumerate(online):
             valid = batch["valid"][i]
             feats[i, valid] = full[j][batch["cells"][i][valid]]
