@@ -257,7 +257,7 @@ def bias_figures(cfg: DemoConfig, world: Path, models: dict[str, Any], results: 
 
 
 def run_demo(cfg: DemoConfig, *, fresh: bool = False, from_scratch: bool = False) -> dict[str, Any]:
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
     from densevlm.evaluation.regions import format_table
     from densevlm.evaluation.semseg import format_table as format_semseg
     from densevlm.models import create_backbone, run_dir_spec

@@ -177,7 +177,7 @@ def run_seeds_demo(cfg: DemoConfig, seeds: int, *, fresh: bool = False, from_scr
     layout; returns what ``seeds.json`` holds.
     """
     from densevlm.demo import align_configs, eval_stage, models_stage, semseg_stage, train_stage, world_stage
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
     from densevlm.models import create_backbone, run_dir_spec
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:

@@ -76,7 +76,7 @@ def talk2dino_eval_configs(cfg: DemoConfig, world: Path, psi_run: Path) -> dict[
 
 def run_talk2dino_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
     from densevlm.demo import train_stage, world_stage
-    from densevlm.engine.talk2dino import run_talk2dino_train
+    from densevlm.tasks.talk2dino import run_talk2dino_train
     from densevlm.evaluation.semseg import RESULT_FILE, evaluate_semseg, format_table
     from densevlm.utils.hashing import sha256_file
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from densevlm.config import from_dict
 from densevlm.config.align import AlignConfig
-from densevlm.engine import align
+from densevlm.tasks import align
 
 
 def bypass_ddp() -> None:

@@ -116,7 +116,7 @@ def _tiny_cfg(tmp: Path, paths: dict[str, str], method: str = "densevlm") -> dic
 def test_train_job_runs_and_changes_only_unlocked_blocks(tmp_path, method):
     from safetensors.torch import load_file
 
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
     from densevlm.models import create_backbone
 
     cfg = from_dict(AlignConfig, {**_tiny_cfg(tmp_path, _write_world(tmp_path), method), "unlocked_blocks": 1})
@@ -139,7 +139,7 @@ def test_train_job_runs_and_changes_only_unlocked_blocks(tmp_path, method):
 
 
 def test_teacher_and_student_vocabularies_must_agree(tmp_path):
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
 
     paths = _write_world(tmp_path)
     other = Vocabulary("other", (ClassEntry("car"), ClassEntry("boat"), ClassEntry("kite", novel=True),
@@ -193,7 +193,7 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path):
     the saved weights have the same keys."""
     from safetensors.torch import load_file
 
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
 
     base = _tiny_cfg(tmp_path, _write_world(tmp_path, n_images=4))
     base["loop"] = {**base["loop"], "epochs": 1}

@@ -133,7 +133,7 @@ def _one_step(raw: dict, device: torch.device, out: Path, monkeypatch) -> dict[s
     """One optimiser step of ``run_align`` on ``device``: its loss, the gradients the optimiser was given (by
     parameter name), the weights before and after, and where they lived."""
     import densevlm.engine.trainer as trainer_mod
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
     from densevlm.methods.clipself import CLIPSelfObjective
     from densevlm.methods.densevlm import DenseVLMObjective
 
@@ -217,7 +217,7 @@ def _low_precision_run(tmp_path: Path, device: torch.device, monkeypatch, precis
     """DenseVLM on the tiny toy world in ``precision`` for ``steps`` steps on ``device``: the trainer; at each
     student forward the autocast dtype in force (None: off), the dtype a matmul gets there and the dtype of the
     region features; the trainable weights before and after every step."""
-    import densevlm.engine.align as align
+    import densevlm.tasks.align as align
     import densevlm.methods.densevlm as method
     from densevlm.engine.trainer import Trainer
     from test_align import _tiny_cfg, _write_world
@@ -365,7 +365,7 @@ def test_teacher_cache_built_on_the_device_equals_the_cpu_build(cuda_device, tmp
     images, cells and metadata, features within 1e-3 (fp16 storage: one fp16 step of a unit vector's entry is
     <= 4.9e-4, so a CPU/GPU rounding difference may flip the last bit, nothing more)."""
     import densevlm.data.teacher_cache as data_cache
-    from densevlm.engine.teacher_cache import run_cache_teacher
+    from densevlm.tasks.teacher_cache import run_cache_teacher
     from test_teacher_cache import _cfg, _world
 
     base = _world(tmp_path)
@@ -486,7 +486,7 @@ def test_compiled_blocks_train_like_eager_ones_on_the_device(cuda_device, tmp_pa
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
     from densevlm.models import create_backbone
     from test_align import _tiny_cfg, _write_world
 

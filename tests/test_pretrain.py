@@ -40,7 +40,7 @@ def _cfg(world: Path, out: Path) -> PretrainConfig:
 
 
 def test_pretraining_lowers_the_loss_and_weights_reload_identically(world, tmp_path):
-    from densevlm.engine.pretrain import run_pretrain
+    from densevlm.tasks.pretrain import run_pretrain
     from densevlm.models import create_backbone
 
     cfg = _cfg(world, tmp_path / "run")

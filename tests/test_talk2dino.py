@@ -265,7 +265,7 @@ def test_objective_gradient_reaches_psi_only_through_the_chosen_heads():
 
 
 def test_cache_reuse_and_refusal(world, tmp_path, monkeypatch):
-    from densevlm.engine import talk2dino as eng
+    from densevlm.tasks import talk2dino as eng
 
     cfg = _train_cfg(world, tmp_path)
     torch.manual_seed(0)
@@ -276,7 +276,7 @@ def test_cache_reuse_and_refusal(world, tmp_path, monkeypatch):
     cache = fc.load_feature_cache(cache_dir, eng.cache_identity(cfg, backbone, text_model))
     assert cache.heads.shape == (24, 4, 64) and cache.text.shape == (120, text_model.embed_dim)
     # The cached per-head embeddings are the backbone's own.
-    first = eng._Images(fc.read_caption_pairs(cfg.data.captions_json, cfg.data.image_root).images[:2], 56,
+    first = fc.CenterCropImages(fc.read_caption_pairs(cfg.data.captions_json, cfg.data.image_root).images[:2], 56,
                         backbone.image_mean, backbone.image_std)
     heads, _ = attention_pool(backbone(torch.stack([first[0], first[1]])))
     torch.testing.assert_close(cache.heads[:2], heads)
@@ -306,7 +306,7 @@ def test_cache_reuse_and_refusal(world, tmp_path, monkeypatch):
 
 
 def test_interrupted_cache_build_keeps_finished_shards(world, tmp_path):
-    from densevlm.engine import talk2dino as eng
+    from densevlm.tasks import talk2dino as eng
 
     cfg = _train_cfg(world, tmp_path)
     backbone, text_model = eng.build_encoders(cfg)
@@ -321,7 +321,7 @@ def test_interrupted_cache_build_keeps_finished_shards(world, tmp_path):
 
 
 def test_captions_json_without_captions_is_refused(world, tmp_path):
-    from densevlm.engine.talk2dino import run_talk2dino_cache
+    from densevlm.tasks.talk2dino import run_talk2dino_cache
 
     bad = tmp_path / "instances_train.json"
     bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}],
@@ -332,7 +332,7 @@ def test_captions_json_without_captions_is_refused(world, tmp_path):
 
 
 def test_training_lowers_the_loss_and_writes_psi_in_the_released_layout(world, tmp_path):
-    from densevlm.engine.talk2dino import run_talk2dino_train
+    from densevlm.tasks.talk2dino import run_talk2dino_train
 
     torch.manual_seed(0)
     cfg = _train_cfg(world, tmp_path)
@@ -421,7 +421,7 @@ def test_pamr_pulls_a_mask_back_inside_the_image_edge():
 
 
 def test_eval_semseg_with_the_talk2dino_segmenter_from_a_run_directory(world, tmp_path):
-    from densevlm.engine.talk2dino import run_talk2dino_train
+    from densevlm.tasks.talk2dino import run_talk2dino_train
     from densevlm.evaluation.semseg import evaluate_semseg
 
     torch.manual_seed(0)

@@ -80,7 +80,7 @@ def _cfg(base: dict, **top) -> AlignConfig:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny folder world, a teacher weights file and its cache (built once for the module)."""
-    from densevlm.engine.teacher_cache import run_cache_teacher
+    from densevlm.tasks.teacher_cache import run_cache_teacher
 
     tmp = tmp_path_factory.mktemp("cache_world")
     base = _world(tmp)
@@ -100,7 +100,7 @@ def _batch(cfg: AlignConfig, cache=None):
 
 
 def test_cached_features_equal_the_online_teacher(world):
-    from densevlm.engine.teacher_cache import open_teacher_cache
+    from densevlm.tasks.teacher_cache import open_teacher_cache
     from densevlm.data.sources import ImageSource
     from densevlm.methods.densevlm import DenseVLMObjective
     from densevlm.methods.regions import per_image_boxes
@@ -135,9 +135,9 @@ def test_cached_features_equal_the_online_teacher(world):
 def test_training_from_the_cache_gives_the_online_weights_without_building_the_teacher(world, monkeypatch):
     from safetensors.torch import load_file
 
-    import densevlm.engine.align as align
-    import densevlm.engine.teacher_cache as engine_cache
-    from densevlm.engine.align import run_align
+    import densevlm.tasks.densevlm as align  # where the teacher is built
+    import densevlm.tasks.teacher_cache as engine_cache
+    from densevlm.tasks.align import run_align
 
     tmp, base = world["tmp"], world["base"]
     # Adam's eps=1e-8 turns even a gradient of 1e-9 into a full lr step, so a rounding-level difference could flip
@@ -167,7 +167,7 @@ def test_training_from_the_cache_gives_the_online_weights_without_building_the_t
 
 
 def test_cache_built_for_other_settings_is_refused(world):
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
 
     base, cache = world["base"], str(world["cache"])
     other_teacher = {**base["teacher"], "pretrained": str(world["tmp"] / "other.safetensors")}
@@ -182,7 +182,7 @@ def test_cache_built_for_other_settings_is_refused(world):
 
 
 def test_missing_images_are_an_error_or_counted_online(world):
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
 
     tmp = world["tmp"]
     extra = tmp / "images2"
@@ -237,7 +237,7 @@ def test_build_resumes_shard_by_shard_and_a_failed_write_leaves_no_shard(tmp_pat
 
 def test_bf16_training_runs_on_the_cpu_under_autocast(world, monkeypatch):
     import densevlm.methods.densevlm as method
-    from densevlm.engine.align import run_align
+    from densevlm.tasks.align import run_align
 
     seen = []
     real = method.student_region_features
@@ -266,10 +266,10 @@ def test_bf16_training_runs_on_the_cpu_under_autocast(world, monkeypatch):
 def test_lazy_fill_mode_fills_the_cache_in_the_first_epoch_and_reads_it_after(world, monkeypatch):
     """teacher_cache_missing=fill from an empty folder: epoch 1 runs the teacher and writes every cell of every
     image; epoch 2 and a later run read the cache; the filled features equal those `cache-teacher` builds."""
-    import densevlm.engine.align as align
+    import densevlm.tasks.densevlm as align  # where the teacher is built
     from densevlm.data.sources import ImageSource
-    from densevlm.engine.align import run_align
-    from densevlm.engine.teacher_cache import open_teacher_cache
+    from densevlm.tasks.align import run_align
+    from densevlm.tasks.teacher_cache import open_teacher_cache
     from densevlm.models import create_backbone
 
     tmp, base = world["tmp"], world["base"]

@@ -164,13 +164,15 @@ def test_zoo_names_work_in_every_command_that_takes_a_model(tiny_zoo, world, tmp
     # train (student and teacher by zoo name) and pretrain (continue from a zoo model) build their models the
     # same way; the quick demo trains from zoo names end to end (tests/test_demo.py).
     from densevlm.config.align import AlignConfig
-    from densevlm.engine.align import build_objective
+    from densevlm.tasks.align import METHODS
 
     cfg = from_dict(AlignConfig, {"student": {"name": "mini"}, "teacher": {"name": "mini-tuned"},
                                   "student_text": {"vocabulary": str(world), "templates": "single"},
-                                  "teacher_text": {"vocabulary": str(world), "templates": "single"}})
+                                  "teacher_text": {"vocabulary": str(world), "templates": "single"},
+                                  "data": {"source": {"kind": "toyworld", "path": str(world)}}})
     student = create_backbone(cfg.student)
-    objective, teacher, info = build_objective(cfg, student)
+    parts = METHODS["densevlm"](cfg, student)  # a method's builder also makes its dataset: it needs the source
+    teacher, info = parts.teacher_targets.teacher, parts.info
     assert teacher.weights_id != student.weights_id and teacher.source != student.source and info["classes"] == 28
     capsys.readouterr()
     assert main(["zoo", "list"]) == 0
@@ -183,7 +185,7 @@ def test_zoo_pretraining_recipe_runs_a_few_steps_and_its_loss_falls(world, tmp_p
     """configs/pretrain/zoo_student.yaml as shipped, on a tiny world with a small batch for a few epochs."""
     from densevlm.config import load_config
     from densevlm.config.pretrain import PretrainConfig
-    from densevlm.engine.pretrain import run_pretrain
+    from densevlm.tasks.pretrain import run_pretrain
 
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "zoo_student.yaml", [
         f"output_dir={tmp_path / 'run'}", f"data.captions_json={world / 'annotations' / 'captions_train.json'}",

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densevlm.engine.teacher_cache import run_cache_teacher  # torch and the teacher load only when it runs
+    from densevlm.tasks.teacher_cache import run_cache_teacher  # torch and the teacher load only when it runs
 
     cfg = load_config(AlignConfig, args.config, overrides(args))
     print(json.dumps(run_cache_teacher(cfg), indent=2))

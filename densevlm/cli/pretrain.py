@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densevlm.engine.pretrain import run_pretrain  # torch and the models load only when a command runs
+    from densevlm.tasks.pretrain import run_pretrain  # torch and the models load only when a command runs
 
     cfg = load_config(PretrainConfig, args.config, overrides(args))
     result = run_pretrain(cfg, resume=args.resume, overwrite=args.overwrite)

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densevlm.engine.talk2dino import run_talk2dino_cache, run_talk2dino_train  # torch loads only when it runs
+    from densevlm.tasks.talk2dino import run_talk2dino_cache, run_talk2dino_train  # torch loads only when it runs
 
     cfg = load_config(Talk2DINOTrainConfig, args.config, overrides(args))
     if args.talk2dino_task == "cache":

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densevlm.engine.align import run_align  # torch and the models load only when a command runs
+    from densevlm.tasks.align import run_align  # torch and the models load only when a command runs
 
     cfg = load_config(AlignConfig, args.config, overrides(args))
     result = run_align(cfg, resume=args.resume, overwrite=args.overwrite)

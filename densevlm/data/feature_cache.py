@@ -10,7 +10,9 @@ Layout of a cache folder::
 
 The *identity* says what produced the features: the vision backbone (name, weights id, kind, last block), the
 text model (name, weights id), the captions file (path and sha256), the image size and the storage dtype. A cache
-whose identity differs from the run's is refused with the differing keys named, never silently reused.
+whose identity differs from the run's is refused with the differing keys named, never silently reused. The
+manifest, the identity check, the shard writer and the resumable build are those of the one sharded feature store
+(:mod:`densevlm.data.stores`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset
 
-from densevlm.utils.io import atomic_save, atomic_write_json, read_json
+from densevlm.data.images import load_rgb
+from densevlm.data.transforms import resize_center_crop, to_tensor
+from densevlm.data import stores
+from densevlm.utils.io import read_json
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 TEXT_FILE = "text.safetensors"
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(stores.StoreError):
     """A feature cache cannot be used for this run (another backbone, text model, data, or a damaged file)."""
 
 
@@ -40,24 +45,13 @@ def identity_sha(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
-    return out
-
-
 def identity_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """``key: cache <old> vs run <new>`` for every leaf that differs (dotted keys, sorted)."""
-    a, b = _flatten(saved), _flatten(wanted)
-    return [f"{k}: cache {a.get(k)!r} vs run {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: cache {a!r} vs run {b!r}" for k, a, b in stores.metadata_diff(saved, wanted, nested=True)]
 
 
 def read_manifest(cache_dir: str | Path) -> Optional[dict[str, Any]]:
-    path = Path(cache_dir) / MANIFEST
-    return read_json(path, "feature cache manifest") if path.is_file() else None
+    return stores.read_manifest(Path(cache_dir) / MANIFEST, "feature cache manifest")
 
 
 def check_identity(cache_dir: str | Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
@@ -127,36 +121,27 @@ def shard_name(i: int) -> str:
 
 def shard_is_done(path: Path, sha: str, start: int, count: int) -> bool:
     """A shard from an earlier (interrupted) build can be kept: its metadata match this build's."""
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception:  # a damaged file is rebuilt, not trusted
+    meta = stores.shard_metadata_or_none(path)  # a damaged file is rebuilt, not trusted
+    if meta is None:
         return False
     return meta.get("identity_sha") == sha and meta.get("start") == str(start) and meta.get("count") == str(count)
 
 
-def write_shard(path: Path, heads: torch.Tensor, avg: torch.Tensor, sha: str, start: int) -> None:
-    from safetensors.torch import save_file
-
+def shard_tensors(heads: torch.Tensor, avg: torch.Tensor, sha: str,
+                  start: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One image shard's tensors and header metadata, for :func:`densevlm.data.stores.write_shard`."""
     tensors = {"heads": heads.contiguous(), "avg": avg.contiguous()}
-    meta = {"identity_sha": sha, "start": str(start), "count": str(heads.shape[0])}
-    atomic_save(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    return tensors, {"identity_sha": sha, "start": str(start), "count": str(heads.shape[0])}
 
 
 def write_text(cache_dir: Path, text: torch.Tensor, image_index: torch.Tensor, sha: str) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"text": text.float().contiguous(), "image_index": image_index.long().contiguous()}
-    atomic_save(cache_dir / TEXT_FILE, lambda p: save_file(tensors, str(p), metadata={"identity_sha": sha}))
+    stores.write_shard(cache_dir / TEXT_FILE, tensors, {"identity_sha": sha})
 
 
 def write_manifest(cache_dir: Path, identity: dict[str, Any], shards: list[dict[str, Any]], **sizes: Any) -> None:
-    atomic_write_json(cache_dir / MANIFEST, {"format": CACHE_FORMAT, "identity": identity,
-                                             "identity_sha": identity_sha(identity), **sizes, "shards": shards})
+    stores.write_manifest(cache_dir / MANIFEST, {"format": CACHE_FORMAT, "identity": identity,
+                                                 "identity_sha": identity_sha(identity), **sizes, "shards": shards})
 
 
 @dataclass
@@ -218,3 +203,16 @@ class CachedCaptionPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = int(self.cache.image_index[index])
         return {"text": self.cache.text[index], "heads": self.cache.heads[image].float(), "index": index}
+
+
+class CenterCropImages(Dataset):
+    """The images of a feature-cache build, resized (short side) and centre-cropped to ``size``, normalised."""
+
+    def __init__(self, paths: list[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.paths, self.size, self.mean, self.std = paths, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return to_tensor(resize_center_crop(load_rgb(self.paths[i]), self.size), self.mean, self.std)

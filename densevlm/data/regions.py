@@ -36,9 +36,6 @@ class GridRegionDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.teacher_cache is not None:
-            # Lazy cache mode: last epoch's fills are written and read before this epoch's workers copy the cache.
-            self.teacher_cache.sync()
 
     def __len__(self) -> int:
         return len(self.source)

@@ -19,7 +19,8 @@ Layout of a cache folder::
 Metadata (checked on use, a mismatch is an error naming each differing field): the teacher's architecture,
 weights hash and dense path, the image size, grid style and choices, the transform (resize-longest + pad, mean,
 std) and the stored dtype. Shards are written atomically; building is resumable shard by shard and runs on
-several processes with ``accelerate launch``.
+several processes with ``accelerate launch``. The manifest, the metadata check, the shard writer and the resumable
+build are those of the one sharded feature store (:mod:`densevlm.data.stores`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ from tqdm.auto import tqdm
 from densevlm.data.grid_boxes import all_grid_cells, cell_offsets, grid_choices
 from densevlm.data.sources import ImageSource
 from densevlm.data.transforms import resize_longest_pad, to_tensor
-from densevlm.utils.io import atomic_save, atomic_write_json, read_json
+from densevlm.data.stores import (StoreError, metadata_diff, plan_shards, shard_metadata, write_shard,
+                                  write_shards)
+from densevlm.data.stores import write_manifest as write_store_manifest
+from densevlm.utils.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TRANSFORM = "resize-longest (bicubic) + zero pad right/bottom"
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(StoreError):
     """A teacher cache that does not fit the run (other teacher, image size, grid, transform) or the dataset."""
 
 
@@ -89,12 +93,8 @@ def cache_metadata(*, teacher_name: str, teacher_weights: str, dense_last_block:
 
 def meta_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Human-readable differences between two metadata dicts (empty when they match)."""
-    out = []
-    for key in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(key), wanted.get(key)
-        if a != b:
-            out.append(f"{key}: cache has {json.dumps(a)[:120]}, the run needs {json.dumps(b)[:120]}")
-    return out
+    return [f"{key}: cache has {json.dumps(a)[:120]}, the run needs {json.dumps(b)[:120]}"
+            for key, a, b in metadata_diff(stored, wanted)]
 
 
 def image_keys(source: ImageSource) -> list[str]:
@@ -156,8 +156,7 @@ def cell_features(teacher: torch.nn.Module, images: torch.Tensor, sizes: Sequenc
 
 def _shard_header(path: Path) -> tuple[dict[str, Any], list[str]]:
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = dict(fh.metadata() or {})
+        header = shard_metadata(path)
     except (SafetensorError, OSError) as err:
         raise TeacherCacheError(f"{path}: unreadable teacher-cache shard ({err}); delete it and rerun "
                                 "`densevlm cache-teacher` (it rebuilds missing shards only)") from None
@@ -190,8 +189,7 @@ def write_manifest(root: Path, meta: dict[str, Any], feature_dim: int, shard_siz
                                     f"for {shard_size}; resume with the same shard size or use another folder")
         if manifest.get("num_images") == num_images:
             return
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta,
+    write_store_manifest(root / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta,
                                         "feature_dim": int(feature_dim), "shard_size": shard_size,
                                         "num_images": num_images})
 
@@ -221,22 +219,28 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
 
     choices = [tuple(c) for c in meta["grid_choices"]]
     dtype = DTYPES[meta["dtype"]]
-    mine, kept = [], 0
-    for s in range(rank, n_shards, world):
-        path = root / shard_name(s)
-        want = keys[s * shard_size:(s + 1) * shard_size]
-        if path.exists():
-            stored_meta, stored_keys = _shard_header(path)
-            if not meta_differences(stored_meta, meta) and stored_keys == want:
-                kept += 1
-                continue
-            log.info("%s holds other images or settings; rebuilt", path)
-        mine.append(s)
+
+    def images_of(s: int) -> list[str]:
+        return keys[s * shard_size:(s + 1) * shard_size]
+
+    def is_done(s: int, path: Path) -> bool:
+        if not path.exists():
+            return False
+        stored_meta, stored_keys = _shard_header(path)
+        if not meta_differences(stored_meta, meta) and stored_keys == images_of(s):
+            return True
+        log.info("%s holds other images or settings; rebuilt", path)
+        return False
+
+    path_of = lambda s: root / shard_name(s)  # noqa: E731
+    mine, kept = plan_shards(range(rank, n_shards, world), path_of=path_of, is_done=is_done)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    t0, written, n_images = time.time(), 0, 0
+    t0, n_images = time.time(), 0
     bar = tqdm(total=sum(min(shard_size, len(keys) - s * shard_size) for s in mine), unit="img",
                desc=f"teacher cache [{rank}]", disable=not progress or rank != 0)
-    for s in mine:
+
+    def compute(s: int) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        nonlocal n_images
         indices = list(range(s * shard_size, min((s + 1) * shard_size, len(keys))))
         loader = DataLoader(_CanvasImages(source, indices, meta["image_size"], meta["transform"]["mean"],
                                           meta["transform"]["std"]),
@@ -251,21 +255,19 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
                 shard_keys += [keys[it[3]] for it in items]
             bar.update(len(items))
         if not feats:
-            continue
-        tensor = torch.cat(feats).contiguous()
-        header = {"format": FORMAT, "meta": json.dumps(meta), "keys": json.dumps(shard_keys)}
-        from safetensors.torch import save_file
-
-        atomic_save(root / shard_name(s), lambda p: save_file({FEATURES: tensor}, str(p), metadata=header))
-        written += 1
+            return None
         n_images += len(shard_keys)
+        header = {"format": FORMAT, "meta": json.dumps(meta), "keys": json.dumps(shard_keys)}
+        return {FEATURES: torch.cat(feats).contiguous()}, header
+
+    written = len(write_shards(mine, path_of=path_of, compute=compute))
     bar.close()
     if accelerator is not None:
         accelerator.wait_for_everyone()
     seconds = time.time() - t0
     total_bytes = sum(p.stat().st_size for p in shard_files(root))
     return {"cache": str(root), "process": f"{rank + 1}/{world}", "images": len(keys), "shards": n_shards, "shards_written_here": written,
-            "shards_kept_here": kept, "images_written_here": n_images, "seconds_here": round(seconds, 1),
+            "shards_kept_here": len(kept), "images_written_here": n_images, "seconds_here": round(seconds, 1),
             "bytes_on_disk": total_bytes, "bytes_per_image": round(total_bytes / max(1, len(keys))),
             "cells_per_image": meta["cells_per_image"], "dtype": meta["dtype"]}
 
@@ -336,6 +338,13 @@ class TeacherCache:
                 added += 1
         return added
 
+    def cell_features(self, teacher: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                      autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(B, cells, D) unit-norm features of every grid cell this cache stores, from ``teacher`` (see
+        :func:`cell_features`): what the lazy mode computes for an uncached image and hands to :meth:`add`."""
+        return cell_features(teacher, images, sizes, self.meta["image_size"],
+                             [tuple(c) for c in self.meta["grid_choices"]], autocast_dtype)
+
     def add(self, index: int, features: torch.Tensor) -> None:
         """Lazy mode: queue the (cells, D) unit-norm features of image ``index`` (computed online) for the cache."""
         if self.mode != "fill" or self.rows[index] is not None or index in self._pending:
@@ -355,13 +364,11 @@ class TeacherCache:
 
         dist = torch.distributed
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        from safetensors.torch import save_file
-
         indices = sorted(self._pending)
         tensor = torch.stack([self._pending[i] for i in indices]).contiguous()
         header = {"format": FORMAT, "meta": json.dumps(self.meta), "keys": json.dumps([self.keys[i] for i in indices])}
         path = self.root / f"fill-r{rank:03d}-{uuid.uuid4().hex[:12]}.safetensors"
-        atomic_save(path, lambda p: save_file({FEATURES: tensor}, str(p), metadata=header))
+        write_shard(path, {FEATURES: tensor}, header)
         self._pending.clear()
         self.refresh()
         return path

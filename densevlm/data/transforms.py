@@ -59,3 +59,13 @@ def resize_longest_pad(img: Image.Image, size: int) -> tuple[Image.Image, float]
     canvas = Image.new("RGB", (size, size), (0, 0, 0))
     canvas.paste(resized, (0, 0))
     return canvas, scale
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize of the short side to ``size``, then the centre ``size`` x ``size`` crop (the reference's)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))

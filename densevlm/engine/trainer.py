@@ -1,7 +1,8 @@
 """The one training loop: prepare, forward through the objective, backward, step, log, checkpoint, evaluate.
 
-Methods (contrastive pre-training, CLIPSelf, DenseVLM) are objectives plugged into :class:`Trainer`; the loop
-itself knows nothing about any of them.
+Methods are objectives plugged into :class:`Trainer`; the loop itself knows nothing about any of them. What must
+happen at fixed points on every process (e.g. a cache's writes and a barrier at an epoch's start) is an explicit
+callback (:class:`Callback`), never hidden in a dataset or an objective.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 StateFn = Callable[[nn.Module], dict[str, torch.Tensor]]
+
+
+class Callback(Protocol):
+    """Hooks the trainer calls on every process, in the order registered."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before the epoch's first batch is read (after the sampler and the dataset have the epoch)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -146,6 +154,7 @@ class Trainer:
             epochs and at the end, on the weights that would be saved (ensembled when ``ensemble_alpha`` is set).
         export_state: ``fn(model) -> state dict`` written to ``weights.safetensors`` (default: ``state_dict()``).
         ensemble_alpha: if set, saved weights are ``alpha * student + (1 - alpha) * initial``.
+        callbacks: objects with the :class:`Callback` hooks (e.g. the teacher targets of a lazily filled cache).
 
     Checkpoints (``checkpoints/``, see :mod:`densevlm.engine.checkpoint`) are written every ``loop.checkpoint_every``
     epochs and every ``loop.checkpoint_every_steps`` steps; :meth:`fit` with ``resume`` continues from the newest
@@ -168,10 +177,12 @@ class Trainer:
         export_state: Optional[StateFn] = None,
         ensemble_alpha: Optional[float] = None,
         on_step: Optional[Callable[[int, nn.Module], None]] = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.model, self.objective, self.dataset, self.collate_fn = model, objective, dataset, collate_fn
         self.loop, self.optim, self.run_dir = loop, optim, Path(run_dir)
         self.evaluate, self.ensemble_alpha, self.on_step = evaluate, ensemble_alpha, on_step
+        self.callbacks = list(callbacks)
         self.export_state = export_state or (lambda m: m.state_dict())
         if ensemble_alpha is not None and not 0.0 <= ensemble_alpha <= 1.0:
             raise ValueError(f"ensemble_alpha must be in [0, 1], got {ensemble_alpha}")
@@ -253,6 +264,16 @@ class Trainer:
             name = self.dataset.image_name(i) if hasattr(self.dataset, "image_name") else None
             names.append(f"{i} ({name})" if name else str(i))
         return ", ".join(names)
+
+    def _start_epoch(self, epoch: int, sampler: EpochSampler, loader: Any) -> None:
+        """Give the sampler, the loader and the dataset the epoch, then call the callbacks' ``on_epoch_start``."""
+        sampler.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):  # accelerate's loader keeps its own epoch counter; keep it in step
+            loader.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        for callback in self.callbacks:
+            callback.on_epoch_start(epoch)
 
     def _resume(self, step_module: nn.Module, optimizer: Any, scheduler: Any, n_batches: int
                 ) -> Optional["_Position"]:
@@ -375,11 +396,7 @@ class Trainer:
             for epoch in range(start_epoch, epochs):
                 if global_step >= total_steps:
                     break
-                sampler.set_epoch(epoch)
-                if hasattr(loader, "set_epoch"):  # accelerate's loader keeps its own epoch counter; keep it in step
-                    loader.set_epoch(epoch)
-                if hasattr(self.dataset, "set_epoch"):
-                    self.dataset.set_epoch(epoch)
+                self._start_epoch(epoch, sampler, loader)
                 step_module.train()
                 # Mid-epoch resume: the same order (fixed by seed and epoch), its first batches skipped unread.
                 batches_done, epoch_loader = skip_batches, loader

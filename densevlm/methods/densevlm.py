@@ -11,10 +11,10 @@ Per batch (METHOD_DENSEVLM.md §1.4-1.5):
 A batch where no region passes contributes an exact zero loss (with a graph, so DDP still all-reduces) and is
 counted; it never produces NaN.
 
-With a teacher-target cache (:mod:`densevlm.data.teacher_cache`) the batch carries ``teacher_features``, the
-teacher's normalised region features of the drawn cells, and step 1 is a look-up: the teacher is not run (and,
-unless some images are missing from the cache, not even built). In the lazy mode (``teacher_cache_missing:
-fill``) the teacher runs for the images not cached yet and its features of all their cells are added to the cache.
+Where the teacher's region features come from is injected (:mod:`densevlm.methods.teacher_targets`): the online
+teacher, a teacher-target cache (the batch carries ``teacher_features``, the teacher's normalised region features
+of the drawn cells, and step 1 is a look-up: the teacher is not run, and unless some images are missing from the
+cache not even built), or the lazy mode that fills the cache. The objective itself does no file I/O.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 from densevlm.methods.base import ObjectiveOutput
 from densevlm.methods.regions import per_image_boxes, student_region_features
+from densevlm.methods.teacher_targets import TeacherTargets, as_teacher_targets
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -39,93 +40,46 @@ class DenseVLMObjective:
     """See the module docstring.
 
     Args:
-        teacher: the frozen P-VLM (a :class:`~densevlm.models.DenseCLIP`); None when every batch brings cached
-            teacher features.
+        teacher: the teacher's region features, a :class:`~densevlm.methods.teacher_targets.TeacherTargets`; a
+            frozen P-VLM (a :class:`~densevlm.models.DenseCLIP`) or None stands for the online teacher that also
+            reads cached features from batches carrying them (None: every batch must bring them).
         teacher_text, student_text: (N, D_T) and (N, D_S) unit-norm class embeddings of the SAME vocabulary
             (same classes in the same order), each in its own model's text space.
         thing_mask: (N,) bool, True for thing classes.
         temperature: logits are cos / temperature (the reference's fixed 0.01, not the learned logit_scale).
         threshold: keep a region when the teacher's max probability exceeds this.
-        teacher_autocast: run the teacher's forward under autocast to this dtype (the training precision; the
-            student's forward gets it from accelerate), None for full precision.
+        teacher_autocast: with a module as ``teacher``, run its forward under autocast to this dtype (the
+            training precision; the student's forward gets it from accelerate), None for full precision.
     """
 
-    def __init__(self, teacher: Optional[nn.Module], teacher_text: torch.Tensor, student_text: torch.Tensor,
-                 thing_mask: torch.Tensor, *, temperature: float = 0.01, threshold: float = 0.3,
-                 teacher_autocast: Optional[torch.dtype] = None) -> None:
+    def __init__(self, teacher: Optional[nn.Module | TeacherTargets], teacher_text: torch.Tensor,
+                 student_text: torch.Tensor, thing_mask: torch.Tensor, *, temperature: float = 0.01,
+                 threshold: float = 0.3, teacher_autocast: Optional[torch.dtype] = None) -> None:
         if teacher_text.shape[0] != student_text.shape[0] or teacher_text.shape[0] != thing_mask.shape[0]:
             raise ValueError(f"teacher ({teacher_text.shape[0]}), student ({student_text.shape[0]}) text embeddings "
                              f"and thing mask ({thing_mask.shape[0]}) must cover the same vocabulary")
         if not thing_mask.any():
             raise ValueError("the training vocabulary has no thing class; DenseVLM's thing alignment needs some")
-        self.teacher = teacher
+        self.targets = as_teacher_targets(teacher, teacher_autocast)
         self.teacher_text = F.normalize(teacher_text.float(), dim=-1)
         self.student_text = F.normalize(student_text.float(), dim=-1)
         self.thing_mask = thing_mask.bool()
         self.temperature, self.threshold = temperature, threshold
-        self.teacher_autocast = teacher_autocast
-        # teacher_cache_missing=fill: the TeacherCache that uncached images' teacher features are added to.
-        self.cache_fill: Any = None
 
     def prepare(self, device: torch.device) -> None:
-        if self.teacher is not None:
-            self.teacher.to(device).eval().requires_grad_(False)
+        self.targets.prepare(device)
         self.teacher_text = self.teacher_text.to(device)
         self.student_text = self.student_text.to(device)
         self.thing_mask = self.thing_mask.to(device)
-
-    @torch.no_grad()
-    def teacher_features(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        """The online teacher's region features (sum K_i, D_T), not normalised."""
-        if self.teacher is None:
-            raise RuntimeError("DenseVLM objective built without a teacher, but a batch needs it (no cached "
-                               "teacher features for some of its images)")
-        dtype = self.teacher_autocast
-        with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return self.teacher.pool_boxes(self.teacher.encode_dense(images), boxes).float()
-
-    @torch.no_grad()
-    def teacher_logits(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        return self.logits_of_teacher_features(self.teacher_features(images, boxes))
 
     def logits_of_teacher_features(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(feats.float(), dim=-1) @ self.teacher_text.t() / self.temperature
 
     @torch.no_grad()
     def batch_teacher_features(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Teacher region features of the batch's valid boxes, in ``per_image_boxes`` order: from the cache where
-        the batch carries them, online otherwise. Also returns how many images needed the online teacher."""
-        images = batch["image"]
-        if "teacher_features" not in batch:
-            return self.teacher_features(images, boxes), len(images)
-        cached = batch["cached"].bool()
-        feats = batch["teacher_features"].float()
-        if not bool(cached.all()):
-            online = (~cached).nonzero().flatten().tolist()
-            feats = feats.clone()
-            if self.cache_fill is not None:
-                self._fill(batch, online, feats)
-            else:
-                computed = self.teacher_features(images[online], [boxes[i] for i in online])
-                for i, part in zip(online, computed.split([len(boxes[i]) for i in online])):
-                    feats[i, batch["valid"][i]] = part
-        return feats[batch["valid"]], len(images) - int(cached.sum())
-
-    def _fill(self, batch: dict[str, Any], online: list[int], feats: torch.Tensor) -> None:
-        """Lazy cache mode: the teacher's features of every cell of the uncached images, handed to the cache; the
-        drawn cells' rows (the same boxes, bit for bit) go into ``feats``."""
-        from densevlm.data.teacher_cache import cell_features
-
-        if self.teacher is None:
-            raise RuntimeError("DenseVLM objective filling a teacher cache needs the teacher")
-        meta = self.cache_fill.meta
-        sizes = [(int(w), int(h)) for w, h in batch["size"][online].tolist()]
-        full = cell_features(self.teacher, batch["image"][online], sizes, meta["image_size"],
-                             [tuple(c) for c in meta["grid_choices"]], self.teacher_autocast)
-        for j, i in enumerate(online):
-            valid = batch["valid"][i]
-            feats[i, valid] = full[j][batch["cells"][i][valid]]
-            self.cache_fill.add(int(batch["index"][i]), full[j])
+        """Teacher region features of the batch's valid boxes, in ``per_image_boxes`` order (from the injected
+        :class:`~densevlm.methods.teacher_targets.TeacherTargets`), and how many images needed the online teacher."""
+        return self.targets.features(batch, boxes)
 
     def loss_from_logits(self, t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The decoupled KL given teacher and student logits over the vocabulary for the same regions."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from densevlm.methods.base import ObjectiveOutput
 from densevlm.methods.contrastive import _gather_with_grad
+from densevlm.vocab.embeddings import encode_texts
 
 #: released key names -> ours (``ProjectionLayer.load_state_dict`` of the reference does the same).
 LEGACY_KEYS = {"linear_layer2.": "hidden_layers.0."}
@@ -154,3 +155,11 @@ class Talk2DINOObjective:
             usage = torch.bincount(index, minlength=heads.shape[1]).float() / index.numel()
             head_entropy = float(-(usage[usage > 0] * usage[usage > 0].log()).sum())
         return ObjectiveOutput(loss, {"t2i_acc": acc, "head_entropy": head_entropy})
+
+
+@torch.no_grad()
+def encode_captions(text_model: Any, captions: list[str], batch_size: int = 256,
+                    progress: bool = True) -> torch.Tensor:
+    """(C, T) CLIP text embeddings (``encode_text``: EOT token after the text projection), not normalised."""
+    return encode_texts(text_model, captions, batch_size=batch_size, progress=progress, normalize=False,
+                        desc="caption embeddings")

@@ -32,8 +32,8 @@ from densevlm.config.align import AlignConfig
 from densevlm.config.evaluation import RegionEvalConfig
 from densevlm.config.pretrain import PretrainConfig
 from densevlm.config.toyworld import ToyWorldConfig
-from densevlm.engine.align import run_align
-from densevlm.engine.pretrain import run_pretrain
+from densevlm.tasks.align import run_align
+from densevlm.tasks.pretrain import run_pretrain
 from densevlm.evaluation.regions import evaluate_regions
 from densevlm.tasks.zoo_quality import subset_quality
 from densevlm.toyworld import generate_world

@@ -14,44 +14,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from densevlm.config.talk2dino import Talk2DINOTrainConfig
 from densevlm.data import feature_cache as fc
-from densevlm.data.images import load_rgb
-from densevlm.data.transforms import to_tensor
+from densevlm.data import stores
 from densevlm.engine.run_dir import prepare_run_dir_once
 from densevlm.engine.trainer import FitResult, Trainer
-from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection
+from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection, encode_captions
 from densevlm.models.patch_attention import PatchBackbone, attention_pool, create_patch_backbone
 from densevlm.utils.device import resolve_device
 from densevlm.utils.hashing import sha256_file
-from densevlm.vocab.embeddings import encode_texts
 
 log = logging.getLogger(__name__)
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize of the short side to ``size``, then the centre ``size`` x ``size`` crop (the reference's)."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-class _Images(Dataset):
-    def __init__(self, paths: list[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.paths, self.size, self.mean, self.std = paths, size, mean, std
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return to_tensor(resize_center_crop(load_rgb(self.paths[i]), self.size), self.mean, self.std)
 
 
 def text_identity(model: Any) -> dict[str, Any]:
@@ -81,14 +57,6 @@ def cache_dir_of(cfg: Talk2DINOTrainConfig) -> Path:
 
 
 @torch.no_grad()
-def encode_captions(text_model: Any, captions: list[str], batch_size: int = 256,
-                    progress: bool = True) -> torch.Tensor:
-    """(C, T) CLIP text embeddings (``encode_text``: EOT token after the text projection), not normalised."""
-    return encode_texts(text_model, captions, batch_size=batch_size, progress=progress, normalize=False,
-                        desc="caption embeddings")
-
-
-@torch.no_grad()
 def build_feature_cache(cfg: Talk2DINOTrainConfig, backbone: PatchBackbone, text_model: Any, *,
                         progress: bool = True) -> Path:
     """Write (or reuse, or resume) the cache of ``cfg``; returns its folder.
@@ -113,17 +81,19 @@ def build_feature_cache(cfg: Talk2DINOTrainConfig, backbone: PatchBackbone, text
     dtype = getattr(torch, cfg.cache.dtype)
     device = next(backbone.parameters()).device
     n, size = len(pairs.images), cfg.cache.shard_size
-    shards = []
-    with tqdm(total=n, desc="image features", unit="img", disable=not progress) as bar:
-        for s, start in enumerate(range(0, n, size)):
-            count = min(size, n - start)
-            path = cache_dir / fc.shard_name(s)
-            shards.append({"file": path.name, "start": start, "count": count})
-            if fc.shard_is_done(path, sha, start, count):
-                bar.update(count)
-                continue
-            data = _Images(pairs.images[start:start + count], cfg.data.image_size, backbone.image_mean,
-                           backbone.image_std)
+    starts = list(range(0, n, size))
+    counts = [min(size, n - start) for start in starts]
+    shards = [{"file": fc.shard_name(s), "start": start, "count": count}
+              for s, (start, count) in enumerate(zip(starts, counts))]
+    path_of = lambda s: cache_dir / fc.shard_name(s)  # noqa: E731
+    todo, kept = stores.plan_shards(range(len(starts)), path_of=path_of,
+                                    is_done=lambda s, path: fc.shard_is_done(path, sha, starts[s], counts[s]))
+    with tqdm(total=n, initial=sum(counts[s] for s in kept), desc="image features", unit="img",
+              disable=not progress) as bar:
+
+        def compute(s: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+            data = fc.CenterCropImages(pairs.images[starts[s]:starts[s] + counts[s]], cfg.data.image_size,
+                                       backbone.image_mean, backbone.image_std)
             loader = DataLoader(data, batch_size=cfg.cache.batch_size, num_workers=cfg.cache.num_workers)
             heads, avg = [], []
             for images in loader:
@@ -131,7 +101,9 @@ def build_feature_cache(cfg: Talk2DINOTrainConfig, backbone: PatchBackbone, text
                 heads.append(h.to("cpu", dtype))
                 avg.append(a.to("cpu", dtype))
                 bar.update(images.shape[0])
-            fc.write_shard(path, torch.cat(heads), torch.cat(avg), sha, start)
+            return fc.shard_tensors(torch.cat(heads), torch.cat(avg), sha, starts[s])
+
+        stores.write_shards(todo, path_of=path_of, compute=compute)
     text = encode_captions(text_model, pairs.captions, progress=progress)
     fc.write_text(cache_dir, text, torch.tensor(pairs.image_index), sha)
     fc.write_manifest(cache_dir, identity, shards, num_images=n, num_captions=len(pairs.captions),
