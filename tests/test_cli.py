@@ -33,17 +33,17 @@ def test_demo_tasks_parse_with_their_options_on_either_side(argv, task, fresh):
 @pytest.fixture
 def ran(monkeypatch):
     """The demo drivers replaced by recorders: which one a command line reaches."""
-    import densevlm.demo
-    import densevlm.demo_detection
-    import densevlm.demo_seeds
-    import densevlm.demo_talk2dino
+    import densevlm.tasks.demo
+    import densevlm.tasks.demo_detection
+    import densevlm.tasks.demo_seeds
+    import densevlm.tasks.demo_talk2dino
 
     calls = []
-    monkeypatch.setattr(densevlm.demo, "run_demo", lambda cfg, **kw: calls.append(("regions", kw)))
-    monkeypatch.setattr(densevlm.demo_talk2dino, "run_talk2dino_demo", lambda cfg, **kw: calls.append(("talk2dino", kw)))
-    monkeypatch.setattr(densevlm.demo_detection, "run_detection_stage",
+    monkeypatch.setattr(densevlm.tasks.demo, "run_demo", lambda cfg, **kw: calls.append(("regions", kw)))
+    monkeypatch.setattr(densevlm.tasks.demo_talk2dino, "run_talk2dino_demo", lambda cfg, **kw: calls.append(("talk2dino", kw)))
+    monkeypatch.setattr(densevlm.tasks.demo_detection, "run_detection_stage",
                         lambda cfg, **kw: calls.append(("detection", kw)))
-    monkeypatch.setattr(densevlm.demo_seeds, "run_seeds_demo", lambda cfg, n, **kw: calls.append((f"seeds{n}", kw)))
+    monkeypatch.setattr(densevlm.tasks.demo_seeds, "run_seeds_demo", lambda cfg, n, **kw: calls.append((f"seeds{n}", kw)))
     return calls
 
 

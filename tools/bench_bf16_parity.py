@@ -95,7 +95,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
-    from densevlm.demo import align_configs, eval_stage, models_stage, train_stage, world_stage
+    from densevlm.tasks.demo import align_configs, eval_stage, models_stage, train_stage, world_stage
     from densevlm.tasks.align import run_align
     from densevlm.engine.emulated_bf16 import emulated_bf16
     from densevlm.models import create_backbone, run_dir_spec

@@ -84,20 +84,20 @@ def run(args: argparse.Namespace) -> int:
         if task != "regions":
             raise ConfigError("--seeds compares the region and segmentation stages over training seeds; run it "
                               "without --talk2dino / --detection (those run on the one-seed demo's students)")
-        from densevlm.demo_seeds import run_seeds_demo
+        from densevlm.tasks.demo_seeds import run_seeds_demo
 
         run_seeds_demo(cfg, args.seeds, fresh=args.fresh, from_scratch=args.from_scratch)
         return 0
     if task == "talk2dino":
-        from densevlm.demo_talk2dino import run_talk2dino_demo
+        from densevlm.tasks.demo_talk2dino import run_talk2dino_demo
 
         run_talk2dino_demo(cfg, fresh=args.fresh)
     elif task == "detection":
-        from densevlm.demo_detection import run_detection_stage
+        from densevlm.tasks.demo_detection import run_detection_stage
 
         run_detection_stage(cfg, fresh=args.fresh, from_scratch=args.from_scratch)
     else:
-        from densevlm.demo import run_demo
+        from densevlm.tasks.demo import run_demo
 
         run_demo(cfg, fresh=args.fresh, from_scratch=args.from_scratch)
     return 0

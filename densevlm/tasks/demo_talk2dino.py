@@ -57,7 +57,7 @@ def talk2dino_train_config(cfg: DemoConfig, world: Path) -> Talk2DINOTrainConfig
 
 def talk2dino_eval_configs(cfg: DemoConfig, world: Path, psi_run: Path) -> dict[str, SemSegEvalConfig]:
     """Dense CLIP and Talk2DINO on the same backbone, with the demo's segmentation settings."""
-    from densevlm.demo import eval_vocabulary
+    from densevlm.tasks.demo import eval_vocabulary
 
     t = cfg.talk2dino
     spec = ModelSpec(**_backbone_spec(t.backbone))
@@ -75,7 +75,7 @@ def talk2dino_eval_configs(cfg: DemoConfig, world: Path, psi_run: Path) -> dict[
 
 
 def run_talk2dino_demo(cfg: DemoConfig, *, fresh: bool = False) -> dict[str, Any]:
-    from densevlm.demo import train_stage, world_stage
+    from densevlm.tasks.demo import train_stage, world_stage
     from densevlm.tasks.talk2dino import run_talk2dino_train
     from densevlm.evaluation.semseg import RESULT_FILE, evaluate_semseg, format_table
     from densevlm.utils.hashing import sha256_file

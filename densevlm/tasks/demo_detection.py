@@ -25,7 +25,7 @@ BACKBONES = ("base", "clipself", "densevlm")
 
 def _backbones(cfg: DemoConfig, fresh: bool, from_scratch: bool) -> tuple[Path, dict[str, str]]:
     """The demo world and the three backbones (zoo name or run directory), running the demo stages they need."""
-    from densevlm.demo import align_configs, models_stage, train_stage, world_stage
+    from densevlm.tasks.demo import align_configs, models_stage, train_stage, world_stage
     from densevlm.tasks.align import run_align
 
     world = world_stage(cfg, fresh)

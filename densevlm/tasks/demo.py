@@ -12,7 +12,7 @@ Stages (each reused on a re-run when its outputs exist and its config is unchang
 6. training-free semantic segmentation (dense CLIP) of the same four models: mIoU over all, seen and novel
    classes, per-class IoU bars and prediction overlays.
 
-``densevlm demo --seeds N`` (densevlm/demo_seeds.py) repeats stages 3-6 of the students over N training seeds and
+``densevlm demo --seeds N`` (tasks/demo_seeds.py) repeats stages 3-6 of the students over N training seeds and
 reports mean ± std; ``demo detection`` and ``demo talk2dino`` are separate stages too (demo_detection.py,
 demo_talk2dino.py).
 """

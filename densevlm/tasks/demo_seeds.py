@@ -176,7 +176,7 @@ def run_seeds_demo(cfg: DemoConfig, seeds: int, *, fresh: bool = False, from_scr
     seeds, ddof=1); with one seed std is undefined (None) and no verdict is given. See the module docstring for the
     layout; returns what ``seeds.json`` holds.
     """
-    from densevlm.demo import align_configs, eval_stage, models_stage, semseg_stage, train_stage, world_stage
+    from densevlm.tasks.demo import align_configs, eval_stage, models_stage, semseg_stage, train_stage, world_stage
     from densevlm.tasks.align import run_align
     from densevlm.models import create_backbone, run_dir_spec
 
