@@ -314,15 +314,12 @@ class KLCounter:
         return self._F.kl_div(inp, target, *a, **k)
 
 
-def peak_rss_bytes():
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory, as tools/bench_train.py measures it (densevlm.utils.peak)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from densevlm.utils.peak import peak_rss
+
+    return peak_rss()
 
 
 def run(cli, real_stdout):

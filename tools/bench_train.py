@@ -38,7 +38,6 @@ import os
 import json
 import platform
 import random
-import resource
 import shutil
 import statistics
 import sys
@@ -58,7 +57,7 @@ from densevlm.data.grid_boxes import cell_offsets, grid_boxes_with_cells, grid_c
 from densevlm.engine.optim import build_optimizer
 from densevlm.engine.step_module import StepModule
 from densevlm.engine.trainer import compile_blocks
-from densevlm.utils.peak import matmul_peak, sync
+from densevlm.utils.peak import matmul_peak, peak_rss, sync
 from densevlm.methods.densevlm import DenseVLMObjective
 from densevlm.models import create_backbone, freeze_for_dense_tuning
 
@@ -126,16 +125,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ------------------------------------------------------------------------------------------------- batches

@@ -1,12 +1,27 @@
-"""This machine's matrix-product rate per dtype: the peak that benchmarks report MFU against, and what tells a
-CPU with fast bf16 (AMX, AVX512-BF16) from one where bf16 only emulates (AVX2)."""
+"""This machine's peaks for benchmarks: the matrix-product rate per dtype (what MFU is reported against, and what
+tells a CPU with fast bf16 (AMX, AVX512-BF16) from one where bf16 only emulates (AVX2)), and the process's peak
+resident memory."""
 
 from __future__ import annotations
 
+import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux VmHWM, which /proc/self/clear_refs can reset; else
+    getrusage's lifetime peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def sync(device: torch.device) -> None:
