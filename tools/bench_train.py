@@ -476,19 +476,22 @@ def main() -> None:
         args.workers = (os.cpu_count() or 2) if device.type == "cuda" else 2
     names = ["toy", "real"] if args.setup == "all" else [args.setup]
     results = []
+
+    def make_bench(name: str) -> Bench:
+        bench = Bench(name, device, args.image_size, args.classes, args.batch, args.depth)
+        bench.warmup, bench.compile = args.warmup, args.compile
+        bench.peak_sizes = tuple(args.peak_sizes) if args.peak_sizes else None
+        bench.force_low_precision = args.force_low_precision
+        return bench
+
     if args.interleave:
         for name in names:
-            bench = Bench(name, device, args.image_size, args.classes, args.batch, args.depth)
-            bench.compile = args.compile
+            bench = make_bench(name)
             results.append(bench.interleaved([v for v in args.variants if v != "e2e"], args.interleave, args.steps))
             results[-1]["matmul_peaks"] = bench.peaks
         names = []
     for name in names:
-        bench = Bench(name, device, args.image_size, args.classes, args.batch, args.depth)
-        bench.warmup = args.warmup
-        bench.peak_sizes = tuple(args.peak_sizes) if args.peak_sizes else None
-        bench.force_low_precision = args.force_low_precision
-        bench.compile = args.compile
+        bench = make_bench(name)
         # Online variants first, then e2e (its cache build is the teacher's last use), then the cached ones: the
         # teacher is built once and dropped before the variants that must run without it.
         order = sorted(args.variants, key=lambda v: 2 if v.endswith("-cache") else int(v == "e2e"))

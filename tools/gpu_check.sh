@@ -64,7 +64,6 @@ step() {  # step NAME COMMAND...: runs it with its output appended to the log; r
 }
 
 if [ $DRY -eq 1 ]; then
-  DEVICE=cpu
   export DENSEVLM_CUDA_TESTS_ON=cpu
   BENCH=(--device cpu --depth 2 --image-size 128 --steps 1 --warmup 0 --threads 2 --e2e-images 4 --peak-sizes 256)
   BATCHES="2"
@@ -73,7 +72,6 @@ if [ $DRY -eq 1 ]; then
   REFERENCE=(--device cpu --depth 2 --image-size 128 --steps 1 --warmup 1 --threads 2 --precision fp32)
   PROFILE_STEPS=1
 else
-  DEVICE=cuda
   export DENSEVLM_CUDA_TESTS_ON=cuda  # a GPU machine whose torch sees no GPU fails the tests instead of skipping them
   "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "gpu_check.sh: no CUDA GPU here (run with --dry-run to check the script on the CPU)" >&2; exit 1; }
