@@ -34,6 +34,7 @@ from densevlm.segmenters import add_background
 from densevlm.segmenters.talk2dino import Talk2DINOSegmenter, background_clean
 
 torch.set_num_threads(1)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # see fixtures/README.md
 SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4}  # a DINOv2-with-registers ViT small enough for a CPU test
 TINY_TEXT = {"name": "ToyCLIP-ViT-T-16", "pretrained": None,
              "model_overrides": {"vision_cfg": {"layers": 1, "width": 32, "head_width": 16},
@@ -90,6 +91,20 @@ def test_released_psi_state_dict_loads(tmp_path, legacy):
     torch.testing.assert_close(psi(x), expected)
     assert set(psi.state_dict()) == {"linear_layer.weight", "linear_layer.bias", "hidden_layers.0.weight",
                                      "hidden_layers.0.bias"}
+
+
+def test_reference_psi_checkpoint_reproduces_the_reference_outputs():
+    """ψ saved by Talk2DINO's own code (tools/fixtures/make_talk2dino_psi_fixture.py) gives its outputs."""
+    from safetensors.torch import load_file
+
+    golden = load_file(str(FIXTURES / "talk2dino_psi_tiny_golden.safetensors"))
+    psi = read_projection(FIXTURES / "talk2dino_psi_tiny.pth")
+    assert (psi.in_dim, psi.out_dim) == (24, 40)
+    with torch.no_grad():
+        projected = psi(golden["text"])
+    for ours, key in ((projected, "projected"), (F.normalize(projected, dim=-1), "projected_unit")):
+        diff = (ours - golden[key]).abs().max().item()
+        assert diff <= 1e-5, f"{key}: max abs diff {diff:.2e} from the reference ProjectionLayer"
 
 
 def test_psi_file_of_another_model_is_refused(tmp_path):
@@ -188,47 +203,54 @@ def test_attention_pool_weights_tokens_per_head():
 # ------------------------------------------------------------------------------------------------ DINOv2 files
 
 
-def _original_layout(model) -> dict[str, torch.Tensor]:
-    """A timm DINOv2-reg state dict written back in the original facebookresearch/dinov2 layout."""
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    cls_pos = torch.zeros_like(sd["cls_token"])
-    sd["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], dim=1)
-    sd["register_tokens"] = sd.pop("reg_token")
-    sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
-    for k in list(sd):
-        if ".mlp.fc1." in k:
-            sd[k.replace("fc1", "w12")] = sd.pop(k)
-        elif ".mlp.fc2." in k:
-            sd[k.replace("fc2", "w3")] = sd.pop(k)
-    return sd
+# The original layout, written by facebookresearch/dinov2's own code (tools/fixtures/make_dinov2_fixture.py): a
+# tiny vit_base with 4 registers, and Meta's outputs at its native size and at two others (the position embedding
+# resized by dinov2's own interpolation).
+DINOV2_FILE = FIXTURES / "dinov2_vitb14_reg4_tiny.pth"
+DINOV2_FILE_ARCH = {"embed_dim": 128, "depth": 2, "num_heads": 2, "img_size": 98}
 
 
-def test_original_dinov2_file_loads_through_timms_converter(tmp_path):
-    torch.manual_seed(0)
-    src = create_dinov2("vit_base_patch14_reg4_dinov2", None, timm_kwargs=SMALL)
-    path = tmp_path / "dinov2_vitb14_reg4_pretrain.pth"
-    torch.save(_original_layout(src.model), path)
-    loaded = create_dinov2("dinov2_vitb14_reg", str(path), timm_kwargs=SMALL)
-    x = torch.randn(1, 3, 42, 42)
-    a, b = src(x), loaded(x)
-    torch.testing.assert_close(a.tokens, b.tokens)
-    torch.testing.assert_close(a.attn, b.attn)
-    assert loaded.source == str(path) and len(loaded.weights_id) == 16
+@pytest.fixture(scope="module")
+def meta_dinov2():
+    from safetensors.torch import load_file
+
+    backbone = create_dinov2("dinov2_vitb14_reg", str(DINOV2_FILE), timm_kwargs=DINOV2_FILE_ARCH)
+    return backbone, load_file(str(FIXTURES / "dinov2_vitb14_reg4_tiny_golden.safetensors"))
 
 
-def test_dinov2_checkpoint_of_the_wrong_size_names_file_and_shapes(tmp_path):
-    big = create_dinov2("vit_base_patch14_reg4_dinov2", None, timm_kwargs={**SMALL, "embed_dim": 96})
-    path = tmp_path / "dinov2_vitl14_reg4_pretrain.pth"
-    torch.save(_original_layout(big.model), path)
+@pytest.mark.parametrize("size", ["98x98", "112x70", "56x56"])
+def test_original_dinov2_file_reproduces_metas_outputs(meta_dinov2, size):
+    """Final-norm patch tokens, CLS, registers and the last block's CLS attention equal Meta's, at <= 1e-5."""
+    backbone, golden = meta_dinov2
+    image = golden[f"image_{size}"]
+    with torch.no_grad():
+        feats = backbone(image)
+        sequence = backbone.model.forward_features(image)  # [CLS, 4 registers, patches] after the final norm
+    h, w = (int(v) for v in size.split("x"))
+    assert feats.grid == (h // 14, w // 14)
+    for key, ours in (("patch_tokens", feats.tokens), ("attn_logits", feats.attn), ("cls", sequence[:, 0]),
+                      ("registers", sequence[:, 1:5])):
+        ref = golden[f"{key}_{size}"]
+        assert ours.shape == ref.shape, f"{key}: {tuple(ours.shape)} vs Meta's {tuple(ref.shape)}"
+        diff = (ours.float() - ref).abs().max().item()
+        assert diff <= 1e-5, f"{key} at {size}: max abs diff {diff:.2e} from Meta's output"
+    # Meta's full last-block attention: its CLS row over the patches, renormalised, is the softmax of our logits.
+    row = golden[f"attn_probs_{size}"][:, :, 0, 5:]
+    torch.testing.assert_close(feats.attn.softmax(-1), row / row.sum(-1, keepdim=True), atol=1e-6, rtol=0)
+    assert backbone.source == str(DINOV2_FILE) and len(backbone.weights_id) == 16
+
+
+def test_dinov2_checkpoint_of_the_wrong_size_names_file_and_shapes():
     import timm
 
-    small = timm.create_model("vit_base_patch14_reg4_dinov2", num_classes=0, dynamic_img_size=True, **SMALL)
-    with pytest.raises(ValueError, match=r"dinov2_vitl14_reg4_pretrain\.pth.*\[1, 1, 96\].*\[1, 1, 64\]"):
-        load_dinov2_weights(small, path, "vit_base_patch14_reg4_dinov2")
-    deeper = create_dinov2("vit_base_patch14_reg4_dinov2", None, timm_kwargs={**SMALL, "depth": 3})
-    torch.save(_original_layout(deeper.model), path)
-    with pytest.raises(ValueError, match=r"depth 2.*3 blocks.*unexpected key"):
-        load_dinov2_weights(small, path, "vit_base_patch14_reg4_dinov2")
+    narrow = timm.create_model("vit_base_patch14_reg4_dinov2", num_classes=0, dynamic_img_size=True,
+                               **{**DINOV2_FILE_ARCH, "embed_dim": 64})
+    with pytest.raises(ValueError, match=r"dinov2_vitb14_reg4_tiny\.pth.*\[1, 1, 128\].*\[1, 1, 64\]"):
+        load_dinov2_weights(narrow, DINOV2_FILE, "vit_base_patch14_reg4_dinov2")
+    shallow = timm.create_model("vit_base_patch14_reg4_dinov2", num_classes=0, dynamic_img_size=True,
+                                **{**DINOV2_FILE_ARCH, "depth": 1})
+    with pytest.raises(ValueError, match=r"depth 1.*2 blocks.*unexpected key"):
+        load_dinov2_weights(shallow, DINOV2_FILE, "vit_base_patch14_reg4_dinov2")
 
 
 # ------------------------------------------------------------------------------------------------ objective
