@@ -1,6 +1,6 @@
 """Golden compatibility: a CLIPSelf/DenseVLM reference checkpoint reproduces the reference outputs.
 
-The fixtures (``../shared/golden`` relative to the repo root, see its README) hold a tiny EVA02-CLIP checkpoint
+The fixtures (``tests/fixtures``, see its README) hold a tiny EVA02-CLIP checkpoint
 written by the reference code and the reference implementation's outputs for it. Loading the checkpoint through
 ``create_backbone`` must reproduce every output: 1e-5 max abs difference, 1e-4 for the 320-px dense map (which
 needs the reference's position-embedding and RoPE interpolation).
@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN_DIR = Path(__file__).resolve().parent / "fixtures"
 CHECKPOINT = GOLDEN_DIR / "densevlm_fork_tiny_eva.pt"
 OUTPUTS = GOLDEN_DIR / "densevlm_fork_tiny_eva_golden.safetensors"
 REFERENCE_CONFIG = GOLDEN_DIR / "EVA02-CLIP-tiny-16.json"  # the reference eva_clip config of the fixture
-
-pytestmark = pytest.mark.skipif(
-    not GOLDEN_DIR.is_dir(), reason=f"golden fixtures folder not found at {GOLDEN_DIR} (shared/golden is optional)"
-)
 
 TOLERANCES = {
     "encode_image_224": 1e-5,

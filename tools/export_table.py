@@ -34,7 +34,7 @@ from densevlm.models import ModelSpec, create_backbone, export_model  # noqa: E4
 from densevlm.models.export_check import verify_export  # noqa: E402
 from densevlm.models.layouts import LAYOUTS, writable_layouts  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 GOLDEN_ROW = "EVA02 golden reference checkpoint (CLIPSelf/DenseVLM format)"
 QUICKGELU_VIT = {
     "embed_dim": 32,
