@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install detectron2 (optional dependency of densevlm.integrations.detectron2) into a Python environment.
 #
-#   tools/install_detectron2.sh PYTHON [auto|source|wheel]     (what `make detectron2 [D2_FROM=...]` runs)
+#   tools/install_detectron2.sh PYTHON [auto|source|wheel|ensure|check]  (what `make detectron2 [D2_FROM=...]`
+#                                                                         runs; `make test` runs `ensure`, `check`)
 #
 # source  upstream detectron2 from GitHub, compiled against the installed torch: torch must be installed first and
 #         the build must see it, hence --no-build-isolation (detectron2's setup.py imports torch; it has no
@@ -14,9 +15,12 @@
 #         Known defect of that snapshot under NumPy 2: SemSegEvaluator's default ground-truth loader passes
 #         copy=False to np.array; give SemSegEvaluator your own sem_seg_loading_fn.
 # auto    (default) nothing if `import detectron2` already works; else `source` when GitHub answers, else `wheel`.
+# ensure  what `make test` runs before the tests: nothing (in about 0.1 s, without importing detectron2) when a
+#         `detectron2` package is on the path, else `wheel`. Never compiles. Exit status 1 when it cannot install.
+# check   installs nothing: exit status 0 when a `detectron2` package is on the path, else 1.
 set -euo pipefail
 
-PY=${1:?usage: $0 PYTHON [auto|source|wheel]}
+PY=${1:?usage: $0 PYTHON [auto|source|wheel|ensure|check]}
 MODE=${2:-auto}
 D2_GIT=${D2_GIT:-https://github.com/facebookresearch/detectron2.git}
 SAL_VERSION=0.7.2
@@ -24,6 +28,18 @@ SAL_VERSION=0.7.2
 RUNTIME_DEPS=("yacs>=0.1.8" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" "termcolor>=1.1" tabulate cloudpickle fvcore iopath)
 
 has_detectron2() { "$PY" -c "import detectron2.modeling" >/dev/null 2>&1; }
+# importing detectron2.modeling takes seconds (torch, fvcore); finding the package is instant
+finds_detectron2() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('detectron2') is None)"; }
+
+if [[ "$MODE" == check ]]; then
+  finds_detectron2
+  exit
+fi
+if [[ "$MODE" == ensure ]]; then
+  finds_detectron2 && exit 0
+  echo "detectron2: not installed; installing the pure-Python package (wheel route, PyPI only)"
+  MODE=wheel
+fi
 
 if [[ "$MODE" == auto ]]; then
   if has_detectron2; then
@@ -53,7 +69,7 @@ case "$MODE" in
     echo "$DEST" > "$SITE/_densevlm_detectron2.pth"
     ;;
   *)
-    echo "unknown mode '$MODE': expected auto, source or wheel" >&2
+    echo "unknown mode '$MODE': expected auto, source, wheel, ensure or check" >&2
     exit 2
     ;;
 esac
