@@ -606,10 +606,12 @@ CASES: list[Case] = [
     # ---------------------------------------------------------------- cache-teacher
     Case("cache-teacher", "a CLIPSelf recipe (no teacher to cache)",
          lambda e: cache_teacher_argv(e, "method=clipself"),
-         2, r"teacher_cache: only DenseVLM recipes", "config error naming the key and the method",
+         2, r"{tmp}/train\.yaml: AlignConfig: teacher_cache: only method 'densevlm' reads a teacher cache, not "
+            r"'clipself'", "config error naming the file, the key and the method",
          check=_nothing_in("teacher_cache")),
     Case("cache-teacher", "corrupt image in the folder",
-         lambda e: (_bad_png(e, e.images(), "corrupt"), cache_teacher_argv(e, images=e.tmp / "images"))[1],
+         lambda e: (_bad_png(e, e.images(), "corrupt"), cache_teacher_argv(
+             e, f"teacher.pretrained={e.weights(TINY, 'teacher.safetensors')}", images=e.tmp / "images"))[1],
          1, r"cannot read image {tmp}/images/bad_corrupt\.png", "error naming the file"),
     Case("cache-teacher", "teacher weights that are a pickle with code in it",
          lambda e: cache_teacher_argv(e, f"teacher.pretrained={e.evil_pickle()}"),

@@ -109,7 +109,7 @@ def prepare_run_dir_once(run_dir: str | Path, cfg: Any, *, cpu: bool = False, **
     return Path(run_dir)
 
 
-def _missing_top(path: Path) -> Optional[Path]:
+def missing_top(path: Path) -> Optional[Path]:
     """The outermost folder of ``path`` (itself included) that does not exist yet; None when ``path`` exists."""
     top = None
     for folder in (path, *path.parents):
@@ -147,7 +147,7 @@ def run_directory(run_dir: str | Path, cfg: Any, *, cpu: bool = False, resume: b
     """
     path = Path(run_dir)
     fresh = overwrite or not (path.exists() and any(path.iterdir()))
-    top = _missing_top(path)
+    top = missing_top(path)
     prepare_run_dir_once(path, cfg, cpu=cpu, resume=resume, overwrite=overwrite)
     try:
         yield path
