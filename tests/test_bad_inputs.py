@@ -755,6 +755,98 @@ def test_bad_input(case: Case, world: Path, tmp_path: Path, capsys, caplog) -> N
         case.check(env)
 
 
+# --------------------------------------------------------------------------- reruns and file modes
+def _pretrain_corrupt(env: Env) -> tuple[list[str], Path]:
+    argv = _pretrain_bad_image("corrupt")(env)
+    return argv, env.tmp / "images" / "bad_corrupt.png"
+
+
+def _train_corrupt(env: Env) -> tuple[list[str], Path]:
+    folder = env.images()
+    return train_argv(env, images=folder), Path(_bad_png(env, folder, "corrupt"))
+
+
+@pytest.mark.parametrize("make", [_train_corrupt, _pretrain_corrupt], ids=["train", "pretrain"])
+def test_rerun_after_a_failed_run_just_works(make, world, tmp_path, capsys):
+    """A run that fails on bad data (here in its first step) leaves no run directory; the same command, once the
+    data is fixed, succeeds into the same output_dir. A run directory of the user's is still refused."""
+    env = Env(tmp_path, world)
+    argv, bad = make(env)
+    assert cli.main(argv) == 1
+    assert "cannot read image" in capsys.readouterr().err
+    assert not env.out.exists(), sorted(env.out.rglob("*"))
+    shutil.copy(bad.parent / "000.png", bad)  # the fix: a good image under the bad one's name
+    assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+    run = env.out / "run"
+    assert (run / "weights.safetensors").is_file() and (run / "config.yaml").is_file()
+    before = snapshot(run)
+    assert cli.main(argv) == 1  # now it is a finished run: refused, and left as it was
+    assert "already exists" in capsys.readouterr().err and snapshot(run) == before
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_data_and_models_are_read_before_the_run_directory_exists(command, world, tmp_path, monkeypatch):
+    """The order, not only the clean-up: bad data must fail before output_dir (config.yaml) is written."""
+    from densevlm.tasks import align, pretrain
+
+    env = Env(tmp_path, world)
+    seen: list[bool] = []
+    if command == "pretrain":
+        argv = _pretrain_bad_image("corrupt")(env)
+        real = pretrain.CaptionDataset
+
+        def spy(*args, **kwargs):
+            seen.append((env.out / "run").exists())
+            raise ValueError("stop here")
+        monkeypatch.setattr(pretrain, "CaptionDataset", spy)
+    else:
+        argv = train_argv(env)
+        real = align.METHODS["densevlm"]
+
+        def spy(*args, **kwargs):
+            seen.append((env.out / "run").exists())
+            raise ValueError("stop here")
+        monkeypatch.setitem(align.METHODS, "densevlm", spy)
+    assert real is not None and cli.main(argv) == 1
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_outputs_get_the_umask_mode(umask, tmp_path):
+    """tempfile makes 0600 files and 0700 folders; outputs must get what open()/mkdir() give under the umask."""
+    from safetensors.torch import save_file
+
+    from densevlm.utils.io import atomic_dir, atomic_save, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a" / "x.json", "{}")
+        atomic_save(tmp_path / "w.safetensors", lambda p: save_file({"t": torch.zeros(2)}, str(p)))
+        with atomic_dir(tmp_path / "folder") as staging:
+            (staging / "inside.txt").write_text("x")
+        (tmp_path / "plain.txt").write_text("x")  # the oracle: an ordinary write under the same umask
+        (tmp_path / "plain_dir").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777
+    assert mode("plain.txt") == 0o666 & ~umask and mode("plain_dir") == 0o777 & ~umask
+    assert mode("a/x.json") == mode("w.safetensors") == mode("plain.txt")
+    assert mode("folder") == mode("plain_dir")
+
+
+def test_export_files_are_readable_by_the_group_under_umask_022(world, tmp_path, capsys):
+    """End to end: `densevlm export` (open_clip: weights + config JSON) under the usual umask gives 0644 files."""
+    env = Env(tmp_path, world)
+    argv = export_argv(env, "--no-verify")
+    old = os.umask(0o022)
+    try:
+        assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+    finally:
+        os.umask(old)
+    files = [p for p in (env.out / "export").rglob("*") if p.is_file()]
+    assert len(files) >= 2 and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}, files
+
+
 def test_odd_image_modes_become_proper_8bit_rgb(tmp_path):
     """16-bit and other modes are scaled, not clipped: PIL's convert("RGB") turns a 16-bit ramp almost white."""
     from densevlm.data.images import load_rgb
