@@ -3,14 +3,19 @@ code, and nothing half-written.
 
 One row per (command, bad input) in ``CASES``; adding a command's rows is adding entries there. Each row builds
 its inputs in a fresh folder, runs the real command line in-process (``densevlm.cli.main``) and checks the exit
-code, the message, and that no output file exists half-written (no file in the output folders but complete ones
-under their final names; no staging or temporary files). The README's "Failure behaviour" table is this table.
+code, the message, and what was written. For a failing row the message must be in the command's error line on
+stderr (a warning does not count), and the row's whole folder must be exactly as before the command (every path,
+size, content hash and mtime): no half-written file, no staging folder, no run directory that would block the
+corrected rerun, no input touched. Only what a row lists in ``leaves`` (e.g. the last good checkpoint a NaN
+stop names) may appear. The README's "Failure behaviour" table is this table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
+import hashlib
 import io
 import json
 import os
@@ -171,6 +176,78 @@ def embed_argv(env: Env, *extra: str, vocabulary: Optional[str] = None) -> list[
             "--templates", "single", "--no-progress", *extra]
 
 
+def semseg_argv(env: Env, *sets: str, label_root: Optional[str] = None) -> list[str]:
+    """``densevlm eval semseg`` of a tiny random toy CLIP on the shared world's val split."""
+    w = env.world
+    cfg = {
+        "output_dir": str(env.out / "semseg"), "model": {"name": TOY, "model_overrides": TINY},
+        "data": {"image_root": str(w / "images" / "val"),
+                 "label_root": label_root or str(w / "annotations" / "semantic_val")},
+        "text": {"vocabulary": str(w), "templates": "single"},
+        "inference": {"short_side": 64, "batch_size": 4}, "figures": 0, "num_workers": 0, "device": "cpu",
+    }
+    argv = ["eval", "semseg", "--config", env.write_yaml("semseg.yaml", cfg)]
+    return argv + ["--set", *sets] if sets else argv
+
+
+def cache_teacher_argv(env: Env, *sets: str, images: Optional[Path] = None) -> list[str]:
+    """``densevlm cache-teacher`` of the train rows' DenseVLM recipe into ``out/teacher_cache``."""
+    return ["cache-teacher", *train_argv(env, f"teacher_cache={env.out / 'teacher_cache'}", *sets, images=images)[1:]]
+
+
+T2D_SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4}  # a DINOv2-with-registers ViT small enough for a row
+
+
+def talk2dino_argv(env: Env, task: str, *sets: str, captions: Optional[str] = None,
+                   image_root: Optional[Path] = None) -> list[str]:
+    """``densevlm talk2dino cache|train`` of a tiny random DINOv2-reg and toy text tower on the rows' images."""
+    if captions is None:
+        image_root = env.images()
+        captions = env.captions(image_root, [f"{i:03d}.png" for i in range(4)])
+    cfg = {
+        "output_dir": str(env.out / "psi"),
+        "vision": {"family": "dinov2", "name": "dinov2_vitb14_reg", "timm_kwargs": T2D_SMALL},
+        "text": {"name": TOY, "pretrained": None, "model_overrides": TINY},
+        "data": {"captions_json": captions, "image_root": str(image_root), "image_size": 28},
+        "cache": {"dir": str(env.out / "t2d_cache"), "batch_size": 4, "num_workers": 0, "device": "cpu",
+                  "dtype": "float32"},
+        "loop": {"epochs": 1, "batch_size": 4, "cpu": True, "checkpoint_every": 1},
+    }
+    argv = ["talk2dino", task, "--config", env.write_yaml("t2d.yaml", cfg)]
+    return argv + ["--set", *sets] if sets else argv
+
+
+def det_argv(env: Env, task: str, *sets: str) -> list[str]:
+    """``densevlm det train|eval`` of the toy recipe on the shared world, into ``out/det``."""
+    return ["det", task, "--config", "configs/det/toy.yaml", "--set", f"output_dir={env.out / 'det'}",
+            f"data.root={env.world}", "num_workers=0", "device=cpu", *sets]
+
+
+def export_argv(env: Env, *extra: str, fmt: str = "open_clip") -> list[str]:
+    """``densevlm export`` of a toy CLIP weights file (``--name`` says its architecture) into ``out/export``."""
+    weights = env.weights({}, "toy.safetensors")
+    return ["export", "--model", weights, "--name", TOY, "--format", fmt, "--out",
+            str(env.out / "export" / "model.safetensors"), *extra]
+
+
+def _own_run(env: Env, name: str = "run") -> None:
+    """A run directory of the user's own (a config and a checkpoint) where a row's command would write."""
+    ckpts = env.out / name / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (env.out / name / "config.yaml").write_text("output_dir: mine\n")
+    (ckpts / "step_00000007.pt").write_bytes(b"my checkpoint")
+
+
+def _zoo_entry(env: Env, name: str = "toy-student") -> str:
+    """A publish folder that already holds zoo entry ``name`` (someone's earlier build)."""
+    folder = env.tmp / "published"
+    folder.mkdir()
+    (folder / f"{name}.safetensors").write_bytes(b"weights")
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "models": {name: {
+        "architecture": TOY, "file": f"{name}.safetensors", "sha256": "0" * 64}}}))
+    return str(folder)
+
+
 def copy_panoptic(env: Env, edit: Callable[[dict, Path], None]) -> tuple[str, str]:
     """A copy of the world's panoptic val json and PNG folder, changed by ``edit(json_data, png_folder)``."""
     src = env.world / "annotations"
@@ -197,11 +274,32 @@ def disk_full_after(nbytes: int) -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, previous)
 
 
-def no_half_written(root: Path) -> list[str]:
-    """Files under ``root`` that are staging/temporary leftovers (what a failed write must not leave)."""
-    if not root.exists():
-        return []
-    return [str(p) for p in root.rglob("*") if p.name.endswith((".tmp", ".partial")) or ".partial" in str(p)]
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` (relative) with its kind, size, content hash and mtime: what "left exactly as
+    before" compares."""
+    state: dict[str, tuple] = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        if p.is_symlink():
+            state[str(p.relative_to(root))] = ("link", os.readlink(p))
+        elif p.is_dir():
+            state[str(p.relative_to(root))] = ("dir",)
+        else:
+            state[str(p.relative_to(root))] = ("file", st.st_size, st.st_mtime_ns,
+                                               hashlib.sha256(p.read_bytes()).hexdigest())
+    return state
+
+
+def tree_changes(before: dict[str, tuple], after: dict[str, tuple], allowed: tuple[str, ...] = ()) -> list[str]:
+    """What differs between two snapshots, except new paths matching an ``allowed`` glob (and their folders)."""
+    def ok(path: str) -> bool:
+        return any(fnmatch.fnmatch(path, g) or any(fnmatch.fnmatch(q, g) for q in after if q.startswith(path + "/"))
+                   for g in allowed)
+
+    changes = [f"removed {p}" for p in before if p not in after]
+    changes += [f"changed {p}" for p in before if p in after and before[p] != after[p]]
+    changes += [f"new {p}" for p in after if p not in before and not ok(p)]
+    return changes
 
 
 @contextlib.contextmanager
@@ -237,6 +335,8 @@ class Case:
     behaviour: str  # for the README table
     during: Optional[Callable[[Env], contextlib.AbstractContextManager]] = None  # e.g. a full disk
     check: Optional[Callable[[Env], None]] = None  # more assertions on what was (not) written
+    leaves: tuple[str, ...] = ()  # globs (relative to the row's folder) a failing row may leave: kept checkpoints
+    needs: Optional[str] = None  # a module the command needs (the row is skipped without it)
 
     @property
     def id(self) -> str:
@@ -437,7 +537,8 @@ CASES: list[Case] = [
          lambda e: train_argv(e, "optim.lr=1e30", "optim.eps=1e-30", "loop.checkpoint_every_steps=1"),
          1, r"non-finite .* at step \d \(epoch 1, batch \d/2\); batch images on process 0: \d \({tmp}/images/\d+\.png\), "
             r"\d \(.*\); last good checkpoint: {tmp}/out/run/checkpoints/step_0000000\d\.pt",
-         "stops naming the step, the batch's images and the last good checkpoint"),
+         "stops naming the step, the batch's images and the last good checkpoint (the run is kept: --resume)",
+         leaves=("out/run/*",)),
     Case("train", "NaN in the loss with loop.on_nonfinite=skip",
          lambda e: train_argv(e, "optim.lr=1e30", "optim.eps=1e-30", "loop.on_nonfinite=skip"),
          0, r"non-finite loss or gradient, step skipped", "a warning per step; the count is in metrics.json",
@@ -447,6 +548,14 @@ CASES: list[Case] = [
          lambda e: train_argv(e),
          1, r"cannot write {tmp}/out/run/checkpoints/step_00000002\.pt", "error naming the file; no partial file",
          during=lambda e: disk_full_after(200_000), check=lambda e: _nothing_in("run/checkpoints")(e)),
+    Case("train", "output_dir holds a run of the user's (no --resume)",
+         lambda e: (_own_run(e), train_argv(e))[1],
+         1, r"run directory {tmp}/out/run already exists and is not empty; pass resume",
+         "refused before any model or data is loaded, naming the folder; the folder is left untouched"),
+    Case("train", "--resume with a changed config",
+         lambda e: (cli.main(train_argv(e)), train_argv(e, "optim.lr=0.5", "--resume"))[1],
+         2, r"cannot resume from {tmp}/out/run: its config differs in 1 key\(s\): optim\.lr \(0\.001 -> 0\.5\)",
+         "config error naming the folder and each changed key with both values; the run is left untouched"),
     # ---------------------------------------------------------------- eval regions
     Case("eval regions", "panoptic json is empty",
          lambda e: eval_argv(e, _json_file(e, "pan.json", "")),
@@ -476,6 +585,101 @@ CASES: list[Case] = [
          lambda e: eval_argv(e, None, "diagnostics=false"),
          1, r"cannot write {tmp}/out/eval/regions\.json", "error naming the file; no partial file",
          during=lambda e: disk_full_after(300), check=_nothing_in("eval")),
+    # ---------------------------------------------------------------- eval semseg
+    Case("eval semseg", "label folder missing",
+         lambda e: semseg_argv(e, label_root=str(e.tmp / "no_labels")),
+         1, r"{tmp}/no_labels", "error naming the folder", check=_nothing_in("semseg")),
+    Case("eval semseg", "a label PNG of another size than its image",
+         lambda e: (shutil.copytree(e.world / "annotations" / "semantic_val", e.tmp / "labels"),
+                    Image.new("L", (10, 7)).save(sorted((e.tmp / "labels").glob("*.png"))[0]),
+                    semseg_argv(e, label_root=str(e.tmp / "labels")))[-1],
+         1, r"{tmp}/labels/\S+\.png.*(10x7|7x10|\(7, 10\))", "error naming the label file and both sizes"),
+    Case("eval semseg", "unknown vocabulary",
+         lambda e: semseg_argv(e, "text.vocabulary=voc_12"),
+         1, r"voc_12.*voc_21", "error naming the value and the closest built-in vocabulary"),
+    Case("eval semseg", "unknown inference.mode",
+         lambda e: semseg_argv(e, "inference.mode=slidee"),
+         2, r"inference\.mode.*'slidee'", "config error naming the key, the value and the choices"),
+    Case("eval semseg", "model weights of another model",
+         lambda e: semseg_argv(e, f"model.pretrained={e.weights(OTHER, 'other.safetensors')}"),
+         1, r"{tmp}/other\.safetensors", "error naming the file and the mismatching tensors"),
+    # ---------------------------------------------------------------- cache-teacher
+    Case("cache-teacher", "a CLIPSelf recipe (no teacher to cache)",
+         lambda e: cache_teacher_argv(e, "method=clipself"),
+         2, r"{tmp}/train\.yaml: AlignConfig: teacher_cache: only method 'densevlm' reads a teacher cache, not "
+            r"'clipself'", "config error naming the file, the key and the method",
+         check=_nothing_in("teacher_cache")),
+    Case("cache-teacher", "corrupt image in the folder",
+         lambda e: (_bad_png(e, e.images(), "corrupt"), cache_teacher_argv(
+             e, f"teacher.pretrained={e.weights(TINY, 'teacher.safetensors')}", images=e.tmp / "images"))[1],
+         1, r"cannot read image {tmp}/images/bad_corrupt\.png", "error naming the file"),
+    Case("cache-teacher", "teacher weights that are a pickle with code in it",
+         lambda e: cache_teacher_argv(e, f"teacher.pretrained={e.evil_pickle()}"),
+         1, r"{tmp}/evil\.pt", "refused, naming the file; the code never runs",
+         check=lambda e: not (e.tmp / "pwned").exists() or pytest.fail("the pickle's code ran")),
+    # ---------------------------------------------------------------- talk2dino
+    Case("talk2dino train", "captions json missing",
+         lambda e: talk2dino_argv(e, "train", captions=str(e.tmp / "gone.json"), image_root=e.images()),
+         1, r"{tmp}/gone\.json", "error naming the file"),
+    Case("talk2dino cache", "corrupt image",
+         lambda e: (lambda folder: talk2dino_argv(
+             e, "cache", image_root=folder,
+             captions=e.captions(folder, ["000.png", Path(_bad_png(e, folder, "corrupt")).name])))(e.images()),
+         1, r"cannot read image {tmp}/images/bad_corrupt\.png", "error naming the file; no half-made cache"),
+    Case("talk2dino train", "unknown vision.family",
+         lambda e: talk2dino_argv(e, "train", "vision.family=dino"),
+         2, r"vision\.family.*'dino'", "config error naming the key, the value and the choices"),
+    Case("talk2dino train", "output_dir holds a run of the user's (no --resume)",
+         lambda e: (_own_run(e, "psi"), talk2dino_argv(e, "train"))[1],
+         1, r"run directory {tmp}/out/psi already exists and is not empty",
+         "refused before the cache is built, naming the folder; the folder is left untouched"),
+    # ---------------------------------------------------------------- export
+    Case("export", "--out exists (no --overwrite)",
+         lambda e: (lambda argv: ((e.out / "export").mkdir(parents=True),
+                                  (e.out / "export" / "model.safetensors").write_text("mine"), argv)[-1])(
+             export_argv(e)),
+         1, r"{tmp}/out/export/model\.safetensors.*exists.*--overwrite", "refused naming the file; it is untouched"),
+    Case("export", "weights file of another model than --name",
+         lambda e: ["export", "--model", e.weights(OTHER, "other.safetensors"), "--name", TOY, "--format",
+                    "open_clip", "--out", str(e.out / "export" / "m.safetensors")],
+         1, r"{tmp}/other\.safetensors", "error naming the file and the mismatching tensors"),
+    Case("export", "model that does not exist",
+         lambda e: ["export", "--model", str(e.tmp / "runs" / "gone"), "--format", "open_clip", "--out",
+                    str(e.out / "export" / "m.safetensors")],
+         2, r"{tmp}/runs/gone", "error naming the path"),
+    Case("export", "eva_reference layout of a non-EVA model",
+         lambda e: export_argv(e, fmt="eva_reference"),
+         1, r"eva_reference.*ToyCLIP-ViT-T-16|ToyCLIP-ViT-T-16.*eva_reference", "error naming the layout and the model"),
+    Case("export", "full disk while writing (simulated)",
+         lambda e: export_argv(e, "--no-verify"),
+         1, r"cannot write {tmp}/out/export/model\.safetensors", "error naming the file; no partial file",
+         during=lambda e: disk_full_after(100_000)),
+    # ---------------------------------------------------------------- det (needs detectron2)
+    Case("det train", "unknown --set key",
+         lambda e: det_argv(e, "train", "solver.lrr=0.1"),
+         2, r"unknown config key 'solver\.lrr'.*did you mean 'lr'", "config error naming the key path",
+         needs="detectron2"),
+    Case("det eval", "weights file missing",
+         lambda e: det_argv(e, "eval", f"weights={e.tmp / 'model_final.pth'}"),
+         1, r"{tmp}/model_final\.pth", "error naming the file", needs="detectron2"),
+    Case("det train", "data.root missing",
+         lambda e: det_argv(e, "train", f"data.root={e.tmp / 'no_world'}"),
+         1, r"{tmp}/no_world", "error naming the folder", needs="detectron2"),
+    # ---------------------------------------------------------------- zoo build
+    Case("zoo build", "--publish into a zoo that has the entries (no --overwrite)",
+         lambda e: ["zoo", "build", "--root", str(e.out / "build"), "--publish", _zoo_entry(e)],
+         1, r"{tmp}/published/manifest\.json.*toy-student.*--overwrite",
+         "refused before anything runs (not hours later), naming the manifest and the entry"),
+    Case("zoo build", "--publish into a folder with a malformed manifest",
+         lambda e: ["zoo", "build", "--root", str(e.out / "build"), "--publish",
+                    str(Path(_json_file(e, "manifest.json", "{")).parent)],
+         1, r"{tmp}/manifest\.json: not valid JSON", "refused before anything runs, naming the file"),
+    Case("zoo build", "--root is a file",
+         lambda e: ["zoo", "build", "--root", _json_file(e, "root.txt", "x")],
+         1, r"{tmp}/root\.txt", "error naming the path"),
+    Case("zoo build", "--workers -1",
+         lambda e: ["zoo", "build", "--root", str(e.out / "build"), "--workers", "-1"],
+         2, r"--workers.*-1", "error naming the option and the value"),
     # ---------------------------------------------------------------- embed-text
     Case("embed-text", "vocabulary json is malformed",
          lambda e: embed_argv(e, vocabulary=_json_file(e, "v.json", '{"name": "x", "classes": [{"nam": "boat"}]}')),
@@ -515,25 +719,132 @@ CASES: list[Case] = [
 ]
 
 
-def _run(case: Case, env: Env, capsys, caplog) -> tuple[int, str]:
-    """Exit code and everything the user saw: stderr, stdout and warnings (logged)."""
-    argv = case.argv(env)
-    with caplog.at_level("WARNING"), case.during(env) if case.during else contextlib.nullcontext():
-        code = cli.main(argv)
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out + caplog.text
+ERROR_LINE = re.compile(r"densevlm [\w-]+: (?:config )?error: ")  # not anchored: a progress bar may precede it
+
+
+def error_text(stderr: str) -> str:
+    """The command's error (from its ``densevlm CMD: error:`` to the end of stderr); logged warnings and progress
+    output before it are not part of it."""
+    starts = [m.start() for m in ERROR_LINE.finditer(stderr)]
+    return stderr[starts[-1]:] if starts else ""
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input(case: Case, world: Path, tmp_path: Path, capsys, caplog) -> None:
+    if case.needs:
+        pytest.importorskip(case.needs)
     env = Env(tmp_path, world)
-    code, output = _run(case, env, capsys, caplog)
-    assert code == case.code, output[-3000:]
+    argv = case.argv(env)
+    with caplog.at_level("WARNING"), case.during(env) if case.during else contextlib.nullcontext():
+        before = snapshot(tmp_path)
+        code = cli.main(argv)
+        after = snapshot(tmp_path)
+    captured = capsys.readouterr()
+    seen = captured.err + captured.out + caplog.text
+    assert code == case.code, seen[-3000:]
     pattern = case.message.replace("{tmp}", re.escape(str(tmp_path))).replace("{world}", re.escape(str(world)))
-    assert re.search(pattern, output), f"expected /{pattern}/ in:\n{output[-3000:]}"
-    assert not no_half_written(tmp_path), no_half_written(tmp_path)
+    if code == 0:  # a row that succeeds: its message is a warning or the result line
+        assert re.search(pattern, seen), f"expected /{pattern}/ in:\n{seen[-3000:]}"
+    else:
+        error = error_text(captured.err)
+        assert re.search(pattern, error), f"expected /{pattern}/ in the error line:\n{error[-2000:]}\n" \
+                                          f"(all output:\n{seen[-2000:]})"
+        changes = tree_changes(before, after, case.leaves)
+        assert not changes, f"the failed command changed its folder: {changes[:20]}"
     if case.check is not None:
         case.check(env)
+
+
+# --------------------------------------------------------------------------- reruns and file modes
+def _pretrain_corrupt(env: Env) -> tuple[list[str], Path]:
+    argv = _pretrain_bad_image("corrupt")(env)
+    return argv, env.tmp / "images" / "bad_corrupt.png"
+
+
+def _train_corrupt(env: Env) -> tuple[list[str], Path]:
+    folder = env.images()
+    return train_argv(env, images=folder), Path(_bad_png(env, folder, "corrupt"))
+
+
+@pytest.mark.parametrize("make", [_train_corrupt, _pretrain_corrupt], ids=["train", "pretrain"])
+def test_rerun_after_a_failed_run_just_works(make, world, tmp_path, capsys):
+    """A run that fails on bad data (here in its first step) leaves no run directory; the same command, once the
+    data is fixed, succeeds into the same output_dir. A run directory of the user's is still refused."""
+    env = Env(tmp_path, world)
+    argv, bad = make(env)
+    assert cli.main(argv) == 1
+    assert "cannot read image" in capsys.readouterr().err
+    assert not env.out.exists(), sorted(env.out.rglob("*"))
+    shutil.copy(bad.parent / "000.png", bad)  # the fix: a good image under the bad one's name
+    assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+    run = env.out / "run"
+    assert (run / "weights.safetensors").is_file() and (run / "config.yaml").is_file()
+    before = snapshot(run)
+    assert cli.main(argv) == 1  # now it is a finished run: refused, and left as it was
+    assert "already exists" in capsys.readouterr().err and snapshot(run) == before
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_data_and_models_are_read_before_the_run_directory_exists(command, world, tmp_path, monkeypatch):
+    """The order, not only the clean-up: bad data must fail before output_dir (config.yaml) is written."""
+    from densevlm.tasks import align, pretrain
+
+    env = Env(tmp_path, world)
+    seen: list[bool] = []
+    if command == "pretrain":
+        argv = _pretrain_bad_image("corrupt")(env)
+        real = pretrain.CaptionDataset
+
+        def spy(*args, **kwargs):
+            seen.append((env.out / "run").exists())
+            raise ValueError("stop here")
+        monkeypatch.setattr(pretrain, "CaptionDataset", spy)
+    else:
+        argv = train_argv(env)
+        real = align.METHODS["densevlm"]
+
+        def spy(*args, **kwargs):
+            seen.append((env.out / "run").exists())
+            raise ValueError("stop here")
+        monkeypatch.setitem(align.METHODS, "densevlm", spy)
+    assert real is not None and cli.main(argv) == 1
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_outputs_get_the_umask_mode(umask, tmp_path):
+    """tempfile makes 0600 files and 0700 folders; outputs must get what open()/mkdir() give under the umask."""
+    from safetensors.torch import save_file
+
+    from densevlm.utils.io import atomic_dir, atomic_save, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a" / "x.json", "{}")
+        atomic_save(tmp_path / "w.safetensors", lambda p: save_file({"t": torch.zeros(2)}, str(p)))
+        with atomic_dir(tmp_path / "folder") as staging:
+            (staging / "inside.txt").write_text("x")
+        (tmp_path / "plain.txt").write_text("x")  # the oracle: an ordinary write under the same umask
+        (tmp_path / "plain_dir").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777
+    assert mode("plain.txt") == 0o666 & ~umask and mode("plain_dir") == 0o777 & ~umask
+    assert mode("a/x.json") == mode("w.safetensors") == mode("plain.txt")
+    assert mode("folder") == mode("plain_dir")
+
+
+def test_export_files_are_readable_by_the_group_under_umask_022(world, tmp_path, capsys):
+    """End to end: `densevlm export` (open_clip: weights + config JSON) under the usual umask gives 0644 files."""
+    env = Env(tmp_path, world)
+    argv = export_argv(env, "--no-verify")
+    old = os.umask(0o022)
+    try:
+        assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+    finally:
+        os.umask(old)
+    files = [p for p in (env.out / "export").rglob("*") if p.is_file()]
+    assert len(files) >= 2 and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}, files
 
 
 def test_odd_image_modes_become_proper_8bit_rgb(tmp_path):

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from densevlm.cli.common import new_parser
+from densevlm.config import ConfigError
 
 NAME = "zoo"
 HELP = "the model zoo: `densevlm zoo list`, `densevlm zoo build`"
@@ -51,6 +52,9 @@ def run_build(args: argparse.Namespace) -> int:
     from densevlm.tasks.zoo_build import build_zoo  # the recipes' jobs load torch and the models only when it runs
     from densevlm.zoo.registry import WEIGHTS_DIR
 
+    for flag, value in (("--workers", args.workers), ("--world-workers", args.world_workers)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag}: expected an integer >= 0 (0: load data in the main process), got {value}")
     publish = None
     if args.publish is not None:
         publish = WEIGHTS_DIR if args.publish == "package" else Path(args.publish)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import yaml
 
 from densevlm.config import ConfigError, config_diff, to_dict
-from densevlm.utils.io import atomic_write_text
+from densevlm.utils.io import atomic_write_text, remove_empty_parents
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,10 @@ class RunDirError(RuntimeError):
     """A run directory cannot be used as asked (exists, or belongs to another config)."""
 
 
-def prepare_run_dir(run_dir: str | Path, cfg: Any, *, resume: bool = False, overwrite: bool = False,
-                    ignore_keys: tuple[str, ...] = ()) -> Path:
-    """Create ``run_dir`` for ``cfg``, or check that a resumed run was made with the same config.
-
-    A non-empty directory is refused unless ``resume`` (same config required; differing keys are named) or
-    ``overwrite`` (the caller explicitly asked to replace it) is set.
-    """
+def check_run_dir(run_dir: str | Path, cfg: Any, *, resume: bool = False, overwrite: bool = False,
+                  ignore_keys: tuple[str, ...] = ()) -> list[str]:
+    """Raise what :func:`prepare_run_dir` would refuse, creating nothing (commands call it before loading models
+    and data, so a forgotten ``--resume`` fails at once). Returns the keys a resumed run changes."""
     path = Path(run_dir)
     saved = path / CONFIG_FILE
     exists = path.exists() and any(path.iterdir())
@@ -49,19 +48,35 @@ def prepare_run_dir(run_dir: str | Path, cfg: Any, *, resume: bool = False, over
         if diff:
             details = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(new, k)!r})" for k in diff[:10])
             raise ConfigError(f"cannot resume from {path}: its config differs in {len(diff)} key(s): {details}")
-        if changed:
-            log.warning("resuming %s with %s", path, ", ".join(f"{k} {_get(old, k)!r} -> {_get(new, k)!r}"
-                                                                for k in changed))
-            atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))
-        return path
+        return changed
     if exists and not overwrite:
         raise RunDirError(
             f"run directory {path} already exists and is not empty; pass resume (continue it) or overwrite "
             "(replace it), or choose another output_dir"
         )
-    if exists and overwrite:
-        import shutil
+    return []
 
+
+def prepare_run_dir(run_dir: str | Path, cfg: Any, *, resume: bool = False, overwrite: bool = False,
+                    ignore_keys: tuple[str, ...] = ()) -> Path:
+    """Create ``run_dir`` for ``cfg``, or check that a resumed run was made with the same config.
+
+    A non-empty directory is refused unless ``resume`` (same config required; differing keys are named) or
+    ``overwrite`` (the caller explicitly asked to replace it) is set.
+    """
+    path = Path(run_dir)
+    saved = path / CONFIG_FILE
+    changed = check_run_dir(path, cfg, resume=resume, overwrite=overwrite, ignore_keys=ignore_keys)
+    exists = path.exists() and any(path.iterdir())
+    if exists and resume:
+        if changed:
+            old = yaml.safe_load(saved.read_text()) or {}
+            new = to_dict(cfg)
+            log.warning("resuming %s with %s", path, ", ".join(f"{k} {_get(old, k)!r} -> {_get(new, k)!r}"
+                                                                for k in changed))
+            atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))
+        return path
+    if exists and overwrite:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -92,3 +107,54 @@ def prepare_run_dir_once(run_dir: str | Path, cfg: Any, *, cpu: bool = False, **
     if error is not None:
         raise error
     return Path(run_dir)
+
+
+def missing_top(path: Path) -> Optional[Path]:
+    """The outermost folder of ``path`` (itself included) that does not exist yet; None when ``path`` exists."""
+    top = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        top = folder
+    return top
+
+
+def worth_keeping(run_dir: Path) -> bool:
+    """Whether a run directory holds something a failed run must not delete: a checkpoint or final weights."""
+    ckpts = run_dir / "checkpoints"
+    return (run_dir / WEIGHTS_FILE).exists() or (ckpts.is_dir() and any(p.is_file() for p in ckpts.rglob("*")))
+
+
+def discard_failed_run(run_dir: Path, top: Optional[Path]) -> None:
+    """Remove what a failed run created in ``run_dir`` (and the empty parents up to ``top`` it created), so that
+    the corrected command can be run again as it was; a folder that existed (empty) before is kept, emptied."""
+    if not run_dir.exists():
+        return
+    if top is None:  # the folder was there (and empty) before the run: keep the folder itself
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    remove_empty_parents(run_dir, top)
+
+
+@contextlib.contextmanager
+def run_directory(run_dir: str | Path, cfg: Any, *, cpu: bool = False, resume: bool = False,
+                  overwrite: bool = False) -> Iterator[Path]:
+    """:func:`prepare_run_dir_once` for the body of a run; if the body fails before it wrote a checkpoint or the
+    final weights, what this call created is removed again (main process), so the corrected rerun is not refused
+    with "already exists". A run directory the user already had (``--resume``) is never touched.
+    """
+    path = Path(run_dir)
+    fresh = overwrite or not (path.exists() and any(path.iterdir()))
+    top = missing_top(path)
+    prepare_run_dir_once(path, cfg, cpu=cpu, resume=resume, overwrite=overwrite)
+    try:
+        yield path
+    except BaseException:
+        from accelerate import PartialState
+
+        if fresh and PartialState(cpu=cpu).is_main_process and not worth_keeping(path):
+            log.info("the run failed before its first checkpoint: removing %s", path)
+            discard_failed_run(path, top)
+        raise

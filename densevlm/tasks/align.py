@@ -11,7 +11,7 @@ from torch import nn
 
 from densevlm.config.align import AlignConfig
 from densevlm.config.core import ConfigError
-from densevlm.engine.run_dir import prepare_run_dir_once
+from densevlm.engine.run_dir import check_run_dir, run_directory
 from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.methods.regions import student_region_features
 from densevlm.models import create_backbone, freeze_for_dense_tuning
@@ -44,8 +44,12 @@ def freeze_unused(model: nn.Module, image_size: int) -> list[str]:
 def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False,
               stop_after_epoch: Optional[int] = None, evaluate: Any = None,
               on_step: Any = None) -> FitResult:
-    """Train ``cfg.student`` with ``cfg.method`` and write a run directory."""
-    run_dir = prepare_run_dir_once(cfg.output_dir, cfg, cpu=cfg.loop.cpu, resume=resume, overwrite=overwrite)
+    """Train ``cfg.student`` with ``cfg.method`` and write a run directory.
+
+    The models, vocabularies and data are built before the run directory exists, so bad input leaves no
+    directory behind; a failure later, before the first checkpoint, removes it again (see run_directory).
+    """
+    check_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)  # a refusal comes first
     torch.manual_seed(cfg.loop.seed)  # random initialisations (tests, from-scratch runs) are part of the recipe
     student = create_backbone(cfg.student)
     if cfg.method not in METHODS:
@@ -61,15 +65,16 @@ def run_align(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False
     if evaluate is None and cfg.eval.data.panoptic_json:
         evaluate = periodic_region_eval(cfg)
     targets = parts.teacher_targets
-    trainer = Trainer(model=student, objective=parts.objective, dataset=parts.dataset, loop=cfg.loop,
-                      optim=cfg.optim, run_dir=run_dir, evaluate=evaluate,
-                      export_state=lambda m: m.state_dict_for_export(), ensemble_alpha=cfg.ensemble_alpha,
-                      on_step=on_step, callbacks=[targets] if targets is not None else [])
-    trainer.accelerator.print(f"{cfg.method}: {len(parts.dataset)} images at {cfg.data.image_size}px, "
-                              f"{unlocked}/{n_blocks} blocks unlocked {parts.info}")
-    # DenseVLM's per-epoch train metrics (metrics.json "history") carry kept_fraction, thing/stuff region counts
-    # and empty_batch, the fraction of batches where no region passed the teacher's threshold.
-    result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
+    with run_directory(cfg.output_dir, cfg, cpu=cfg.loop.cpu, resume=resume, overwrite=overwrite) as run_dir:
+        trainer = Trainer(model=student, objective=parts.objective, dataset=parts.dataset, loop=cfg.loop,
+                          optim=cfg.optim, run_dir=run_dir, evaluate=evaluate,
+                          export_state=lambda m: m.state_dict_for_export(), ensemble_alpha=cfg.ensemble_alpha,
+                          on_step=on_step, callbacks=[targets] if targets is not None else [])
+        trainer.accelerator.print(f"{cfg.method}: {len(parts.dataset)} images at {cfg.data.image_size}px, "
+                                  f"{unlocked}/{n_blocks} blocks unlocked {parts.info}")
+        # DenseVLM's per-epoch train metrics (metrics.json "history") carry kept_fraction, thing/stuff region
+        # counts and empty_batch, the fraction of batches where no region passed the teacher's threshold.
+        result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
     if targets is not None:
         targets.close()  # the lazy mode's last fills: the next run (or epoch, on resume) reads them
     return result

@@ -11,7 +11,7 @@ import torch
 from densevlm.config.core import ConfigError
 from densevlm.config.pretrain import PretrainConfig
 from densevlm.data.captions import CaptionCollator, CaptionDataset
-from densevlm.engine.run_dir import prepare_run_dir_once
+from densevlm.engine.run_dir import check_run_dir, run_directory
 from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.evaluation.zero_shot import image_zero_shot
 from densevlm.methods.contrastive import ContrastiveObjective
@@ -41,10 +41,11 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, overwrite: bool =
     if not cfg.data.captions_json or not cfg.data.image_root:
         raise ValueError("pretrain needs data.captions_json (a COCO captions json) and data.image_root (the folder "
                          "its file_name entries are in); set them in the config or with --set")
-    run_dir = prepare_run_dir_once(cfg.output_dir, cfg, cpu=cfg.loop.cpu, resume=resume, overwrite=overwrite)
+    check_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)  # a refusal comes first
     torch.manual_seed(cfg.loop.seed)  # the random initialisation is part of the recipe
     model = create_backbone(cfg.model)
     size = cfg.data.image_size or model.native_image_size
+    # The data is read before the run directory exists: a bad captions file or a missing image leaves nothing.
     dataset = CaptionDataset(
         cfg.data.captions_json, cfg.data.image_root, size, crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
         mean=model.image_mean, std=model.image_std, skip_bad_images=cfg.data.skip_bad_images, seed=cfg.loop.seed,
@@ -56,19 +57,20 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, overwrite: bool =
         confusion.update(result["confusion"])
         return result["metrics"]
 
-    trainer = Trainer(
-        model=model,
-        objective=ContrastiveObjective(),
-        dataset=dataset,
-        collate_fn=CaptionCollator(model.tokenizer),
-        loop=cfg.loop,
-        optim=cfg.optim,
-        run_dir=run_dir,
-        evaluate=evaluate if cfg.eval.panoptic_json else None,
-        export_state=lambda m: m.state_dict_for_export(),
-        on_step=lambda step, m: ContrastiveObjective.clamp_logit_scale(m),
-    )
-    result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
+    with run_directory(cfg.output_dir, cfg, cpu=cfg.loop.cpu, resume=resume, overwrite=overwrite) as run_dir:
+        trainer = Trainer(
+            model=model,
+            objective=ContrastiveObjective(),
+            dataset=dataset,
+            collate_fn=CaptionCollator(model.tokenizer),
+            loop=cfg.loop,
+            optim=cfg.optim,
+            run_dir=run_dir,
+            evaluate=evaluate if cfg.eval.panoptic_json else None,
+            export_state=lambda m: m.state_dict_for_export(),
+            on_step=lambda step, m: ContrastiveObjective.clamp_logit_scale(m),
+        )
+        result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
     if confusion and trainer.accelerator.is_main_process:
         from densevlm.viz.figures import plot_confusion
         from densevlm.vocab import get_vocabulary

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from densevlm.config.talk2dino import Talk2DINOTrainConfig
 from densevlm.data import feature_cache as fc
 from densevlm.data import stores
-from densevlm.engine.run_dir import prepare_run_dir_once
+from densevlm.engine.run_dir import check_run_dir, run_directory
 from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.methods.talk2dino import Talk2DINOObjective, Talk2DINOProjection, encode_captions
 from densevlm.models.patch_attention import PatchBackbone, attention_pool, create_patch_backbone
@@ -133,6 +133,7 @@ def run_talk2dino_train(cfg: Talk2DINOTrainConfig, *, resume: bool = False, over
     """Cache the features when needed, then train ψ; writes a run directory (ψ in the released key layout)."""
     from accelerate import PartialState
 
+    check_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)  # a refusal comes first
     state = PartialState(cpu=cfg.loop.cpu)
     t0 = time.time()
     cache_dir: Optional[Path] = None
@@ -143,13 +144,13 @@ def run_talk2dino_train(cfg: Talk2DINOTrainConfig, *, resume: bool = False, over
     cache_seconds = time.time() - t0
     # The cache checked its identity while building; here the manifest must still be the one just checked.
     cache = fc.load_feature_cache(cache_dir)
-    run_dir = prepare_run_dir_once(cfg.output_dir, cfg, cpu=cfg.loop.cpu, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.loop.seed)  # ψ's initialisation is part of the recipe
     psi = Talk2DINOProjection(int(cache.text.shape[1]), int(cache.heads.shape[-1]))
-    trainer = Trainer(model=psi, objective=Talk2DINOObjective(cfg.temperature),
-                      dataset=fc.CachedCaptionPairs(cache), loop=cfg.loop, optim=cfg.optim, run_dir=run_dir,
-                      export_state=lambda m: m.state_dict())
-    result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
+    with run_directory(cfg.output_dir, cfg, cpu=cfg.loop.cpu, resume=resume, overwrite=overwrite) as run_dir:
+        trainer = Trainer(model=psi, objective=Talk2DINOObjective(cfg.temperature),
+                          dataset=fc.CachedCaptionPairs(cache), loop=cfg.loop, optim=cfg.optim, run_dir=run_dir,
+                          export_state=lambda m: m.state_dict())
+        result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
     result.metrics["cache_seconds"] = round(cache_seconds, 2)
     result.metrics["cache_dir"] = str(cache_dir)
     if state.is_main_process and stop_after_epoch is None:

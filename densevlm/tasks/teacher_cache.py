@@ -16,6 +16,7 @@ from torch import nn
 from densevlm.config.align import AlignConfig
 from densevlm.config.core import ConfigError
 from densevlm.data.sources import ImageSource
+from densevlm.engine.run_dir import discard_failed_run, missing_top
 from densevlm.data.teacher_cache import (MANIFEST, TEXT_DIR, TeacherCache, build_teacher_cache, cache_metadata,
                                         image_keys, write_manifest)
 from densevlm.models import create_backbone
@@ -97,12 +98,28 @@ def run_cache_teacher(cfg: AlignConfig, *, progress: bool = True) -> dict[str, A
     """
     from accelerate import Accelerator
 
-    from densevlm.vocab.cache import TextEmbeddingCache
-    from densevlm.vocab import get_templates, get_vocabulary
-
     if not cfg.teacher_cache:
         raise ConfigError("teacher_cache: set it to the folder to write (e.g. --set teacher_cache=cache/teacher)")
     acc = Accelerator(cpu=cfg.loop.cpu)
+    root = Path(cfg.teacher_cache)
+    created = missing_top(root)
+    try:
+        summary = _build(cfg, acc, progress)
+    except BaseException:
+        # a failure before the first shard (a bad image, a bad teacher) removes the folder it made, so the
+        # corrected rerun starts clean; written shards are kept (the build resumes from them)
+        if created is not None and acc.is_main_process and not any(root.glob("*.safetensors")):
+            discard_failed_run(root, created)
+        raise
+    acc.end_training()
+    return summary
+
+
+def _build(cfg: AlignConfig, acc: Any, progress: bool) -> dict[str, Any]:
+    """The teacher's text embeddings (main process), then its region features of every image, into the cache."""
+    from densevlm.vocab.cache import TextEmbeddingCache
+    from densevlm.vocab import get_templates, get_vocabulary
+
     student = create_backbone(cfg.student)  # only for its input normalisation, which the teacher sees in training
     meta = recipe_cache_metadata(cfg, student.image_mean, student.image_std)
     del student
@@ -113,8 +130,6 @@ def run_cache_teacher(cfg: AlignConfig, *, progress: bool = True) -> dict[str, A
         TextEmbeddingCache(tcfg.cache_dir or Path(cfg.teacher_cache) / TEXT_DIR).get(
             teacher, get_vocabulary(tcfg.vocabulary), get_templates(tcfg.templates, this_is_prefix=tcfg.this_is_prefix),
             batch_size=tcfg.batch_size, progress=progress)
-    summary = build_teacher_cache(teacher, ImageSource(cfg.data.source), cfg.teacher_cache, meta,
-                                  shard_size=SHARD_SIZE, batch_size=cfg.loop.batch_size,
-                                  num_workers=cfg.loop.num_workers, accelerator=acc, progress=progress)
-    acc.end_training()
-    return summary
+    return build_teacher_cache(teacher, ImageSource(cfg.data.source), cfg.teacher_cache, meta,
+                               shard_size=SHARD_SIZE, batch_size=cfg.loop.batch_size,
+                               num_workers=cfg.loop.num_workers, accelerator=acc, progress=progress)

@@ -14,7 +14,6 @@ inside the package would be a second source of truth). They are found next to th
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -37,8 +36,8 @@ from densevlm.tasks.pretrain import run_pretrain
 from densevlm.evaluation.regions import evaluate_regions
 from densevlm.tasks.zoo_quality import subset_quality
 from densevlm.toyworld import generate_world
-from densevlm.utils.io import read_json
-from densevlm.zoo.publish import publish
+from densevlm.utils.io import atomic_write_json, read_json
+from densevlm.zoo.publish import check_publish, publish
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -216,6 +215,11 @@ def build_zoo(
     do so under ``if __name__ == "__main__":``, as any spawning program (the ``densevlm`` command does).
     """
     root = Path(root).resolve()
+    # What would fail hours later is refused now: a root that is a file, and a publish the manifest refuses.
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"zoo build root {root}: exists and is not a folder")
+    if publish_dir is not None:
+        check_publish([r.name for r in RECIPES], Path(publish_dir), overwrite)
     stage_overrides = stage_overrides or {}
     runs = {r.name: root / r.name for r in RECIPES}
     commands: dict[str, list[str]] = {}
@@ -275,7 +279,7 @@ def build_zoo(
                                   " && ".join(commands[r.name]), world_overrides),
                      "quality_subset": subset[r.name]},
         }
-    (root / "build.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(root / "build.json", result)
     if publish_dir is not None:
         for r in RECIPES:
             publish(result[r.name]["run_dir"], r.name, architecture=r.architecture, info=result[r.name]["info"],

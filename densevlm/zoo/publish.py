@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from densevlm.utils.hashing import sha256_file, sha256_state_dict
-from densevlm.utils.io import atomic_save, atomic_write_json
+from densevlm.utils.io import atomic_save, atomic_write_json, read_json
 from densevlm.zoo.registry import (
     MANIFEST_FORMAT,
     ZooError,
@@ -22,6 +21,22 @@ from densevlm.zoo.registry import (
 
 def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.half() if torch.is_floating_point(v) else v).contiguous() for k, v in state.items()}
+
+
+def check_publish(names: list[str], weights_dir: Optional[Path] = None, overwrite: bool = False) -> None:
+    """Refuse now what :func:`publish` would refuse at the end of a build: an unreadable manifest, or entries of
+    these names without ``overwrite``."""
+    mpath = manifest_path(zoo_dir(weights_dir))
+    if not mpath.exists():
+        return
+    manifest = read_json(mpath, "zoo manifest")
+    models = manifest.get("models") if isinstance(manifest, dict) else None
+    if not isinstance(models, dict):
+        raise ZooError(f"{mpath}: expected a JSON object with a 'models' object")
+    taken = [n for n in names if n in models]
+    if taken and not overwrite:
+        raise ZooError(f"{mpath}: zoo model(s) {taken} already exist; pass --overwrite to replace them, or publish "
+                       "into another folder")
 
 
 def publish(
@@ -52,9 +67,8 @@ def publish(
 
     wdir = zoo_dir(weights_dir)
     mpath = manifest_path(wdir)
-    manifest = json.loads(mpath.read_text()) if mpath.is_file() else {"format": MANIFEST_FORMAT, "models": {}}
-    if name in manifest["models"] and not overwrite:
-        raise ZooError(f"zoo model '{name}' already exists in {mpath}; pass overwrite to replace it")
+    check_publish([name], wdir, overwrite)
+    manifest = read_json(mpath, "zoo manifest") if mpath.is_file() else {"format": MANIFEST_FORMAT, "models": {}}
     src = Path(run_dir) / "weights.safetensors"
     if not src.is_file():
         raise FileNotFoundError(f"run directory {run_dir}: weights.safetensors not found")

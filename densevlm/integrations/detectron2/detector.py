@@ -24,6 +24,7 @@ import torch
 
 from densevlm.config import to_dict
 from densevlm.config.detection import DetectionConfig
+from densevlm.engine.run_dir import discard_failed_run, missing_top
 from densevlm.integrations.detectron2 import require_detectron2
 from densevlm.utils.device import resolve_device
 
@@ -268,6 +269,32 @@ def _write_outputs(cfg: DetectionConfig, metrics: dict[str, float], extra: dict[
 
 def _main(cfg: DetectionConfig, mode: Literal["train", "eval"], resume: bool) -> dict[str, Any]:
     """One process of ``launch``: register the splits, build, train and/or evaluate."""
+    from detectron2.utils import comm
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if mode == "eval" and not cfg.weights:  # checked before output_dir is made, so a rerun is not blocked
+        raise ValueError("weights: `densevlm det eval` needs a detector checkpoint (e.g. runs/det/model_final.pth)")
+    if mode == "eval" and not Path(cfg.weights).is_file():
+        raise FileNotFoundError(f"weights: detector checkpoint not found: {cfg.weights}")
+    train_name, test_name = register_splits(cfg)
+    num_images = training_images(train_name) if mode == "train" else None
+    d2cfg = detectron2_config(cfg, train_name, test_name, num_images)
+    out = Path(cfg.output_dir)
+    created = missing_top(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_in(cfg, mode, resume, d2cfg, train_name, test_name, num_images)
+    except BaseException:
+        # nothing worth keeping yet (no detector checkpoint): remove what this run created, so a rerun just works
+        if created is not None and comm.is_main_process() and not any(out.glob("*.pth")):
+            discard_failed_run(out, created)
+        raise
+
+
+def _run_in(cfg: DetectionConfig, mode: Literal["train", "eval"], resume: bool, d2cfg: Any, train_name: str,
+            test_name: str, num_images: Optional[int]) -> dict[str, Any]:
+    """The body of :func:`_main` once ``output_dir`` exists: logs, configs, training and/or evaluation."""
     from detectron2.data import MetadataCatalog
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
@@ -276,13 +303,7 @@ def _main(cfg: DetectionConfig, mode: Literal["train", "eval"], resume: bool) ->
     from densevlm.config import save_config
     from densevlm.utils.io import atomic_write_text
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    train_name, test_name = register_splits(cfg)
-    num_images = training_images(train_name) if mode == "train" else None
-    d2cfg = detectron2_config(cfg, train_name, test_name, num_images)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rank = comm.get_rank()
     # what detectron2's default_setup does, with both configs written atomically beside each other
     setup_logger(str(out), distributed_rank=rank, name="fvcore")
@@ -304,10 +325,6 @@ def _main(cfg: DetectionConfig, mode: Literal["train", "eval"], resume: bool) ->
         extra.update(train_seconds=round(time.time() - t0, 1), max_iter=d2cfg.SOLVER.MAX_ITER,
                      train_images=num_images, weights=str(Path(cfg.output_dir) / "model_final.pth"))
     else:
-        if not cfg.weights:
-            raise ValueError("weights: `densevlm det eval` needs a detector checkpoint (e.g. runs/det/model_final.pth)")
-        if not Path(cfg.weights).is_file():
-            raise FileNotFoundError(f"weights: detector checkpoint not found: {cfg.weights}")
         model = trainer_cls.build_model(d2cfg)
         trainer_cls.Checkpointer(model, save_dir=cfg.output_dir).load(cfg.weights, checkpointables=[])
         results = trainer_cls.test(d2cfg, model)
