@@ -312,3 +312,94 @@ def test_clipself_loss_is_one_minus_cosine_to_the_teachers_crop_embeddings():
     assert cos.shape == (3,) and cos.std() > 1e-3
     torch.testing.assert_close(out.loss.detach(), (1 - cos).mean(), atol=1e-5, rtol=1e-5)
     assert out.metrics["cosine"] == pytest.approx(float(cos.mean()), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- DenseVLM: each side in its own text space
+
+
+def _decoupled_kl_by_hand(t_logits, s_logits, thing_mask, labels):
+    """KL(p_T || p_S) over the thing columns for regions whose teacher label is a thing, over all columns for the
+    others, each averaged over its own group (METHOD_DENSEVLM.md §1.5); every region is confident here."""
+    thing = thing_mask[labels]
+    total = 0.0
+    for rows, cols in ((thing, thing_mask), (~thing, torch.ones_like(thing_mask))):
+        log_p = t_logits[rows][:, cols].log_softmax(-1)
+        log_q = s_logits[rows][:, cols].log_softmax(-1)
+        total = total + (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return total
+
+
+def test_densevlm_scores_teacher_and_student_regions_each_against_its_own_text():
+    """Distinct teacher and student text embeddings (the teacher's in another space, as an L/14 teacher's are): the
+    loss is the decoupled KL between teacher features · TEACHER text and student features · STUDENT text, computed
+    here by hand; the swapped assignment gives another loss, so a swap in the objective fails this test."""
+    from torchvision.ops import roi_align
+
+    from densevlm.config.model import ModelSpec
+    from densevlm.engine.step_module import StepModule
+    from densevlm.models import create_backbone
+
+    torch.manual_seed(0)
+    student = create_backbone(ModelSpec(name="ToyCLIP-ViT-T-16", model_overrides=TINY))
+    d = student.embed_dim
+    g = torch.Generator().manual_seed(3)
+    teacher_text = F.normalize(torch.randn(5, d, generator=g), dim=-1)
+    student_text = F.normalize(torch.randn(5, d, generator=g), dim=-1)
+    thing_mask = torch.tensor([True, True, True, False, False])
+    labels = torch.tensor([0, 3, 2, 4])  # thing, stuff, thing (the last thing class), stuff
+    # teacher region features near their class's TEACHER text: confident, with the arg-max labels above
+    t_feats = teacher_text[labels] + 0.02 * torch.randn(4, d, generator=g)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]],
+                          [[0.2, 0.1, 0.9, 0.6], [0.0, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, True, False], [True, True, False]])
+    cached = torch.zeros(2, 3, d)
+    cached[valid] = t_feats
+    batch = {"image": images, "boxes": boxes, "valid": valid, "teacher_features": cached,
+             "cached": torch.tensor([True, True])}
+    objective = DenseVLMObjective(None, teacher_text, student_text, thing_mask)
+    out = objective(StepModule(student), batch)
+
+    with torch.no_grad():
+        dense = student.encode_dense(images)
+        h, w = dense.shape[-2:]
+        rois = [b[v] * torch.tensor([w, h, w, h]) for b, v in zip(boxes, valid)]
+        s_feats = roi_align(dense, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1,
+                            aligned=True).flatten(1)
+    t_logits = F.normalize(t_feats, dim=-1) @ teacher_text.t() / 0.01
+    s_logits = F.normalize(s_feats, dim=-1) @ student_text.t() / 0.01
+    assert torch.equal(t_logits.argmax(-1), labels) and t_logits.softmax(-1).amax(-1).min() > 0.3
+    expected = _decoupled_kl_by_hand(t_logits, s_logits, thing_mask, labels)
+    torch.testing.assert_close(out.loss.detach(), expected, atol=1e-3, rtol=1e-5)
+    assert out.metrics["thing_regions"] == 2 and out.metrics["stuff_regions"] == 2
+    # what a swap of the two text tables would compute is far from it
+    swapped = _decoupled_kl_by_hand(F.normalize(t_feats, dim=-1) @ student_text.t() / 0.01,
+                                    F.normalize(s_feats, dim=-1) @ teacher_text.t() / 0.01, thing_mask, labels)
+    assert abs(float(swapped) - float(expected)) > 1.0
+
+
+def test_train_job_gives_the_objective_each_models_own_text_embeddings(tmp_path):
+    """build_densevlm: the teacher's table comes from the teacher's text tower, the student's from the student's
+    (two different random towers here), novel classes dropped from both in the same rows."""
+    from densevlm.config.model import ModelSpec
+    from densevlm.models import create_backbone
+    from densevlm.tasks.align import METHODS
+    from densevlm.vocab import text_embeddings_from_config
+
+    paths = _write_world(tmp_path)
+    torch.manual_seed(7)
+    teacher = create_backbone(ModelSpec(name="ToyCLIP-ViT-T-16", model_overrides=TINY))
+    teacher.save_weights(tmp_path / "teacher.safetensors")
+    raw = _tiny_cfg(tmp_path, paths)
+    raw["teacher"]["pretrained"] = str(tmp_path / "teacher.safetensors")
+    cfg = from_dict(AlignConfig, raw)
+    torch.manual_seed(0)
+    student = create_backbone(cfg.student)
+    objective = METHODS["densevlm"](cfg, student).objective
+    keep = [0, 1, 3, 4]  # 'kite' (class 2) is novel: excluded
+    own_t = F.normalize(text_embeddings_from_config(teacher, cfg.teacher_text, progress=False)[1][keep], dim=-1)
+    own_s = F.normalize(text_embeddings_from_config(student, cfg.student_text, progress=False)[1][keep], dim=-1)
+    assert (own_t * own_s).sum(-1).max() < 0.9  # the two towers really embed differently
+    torch.testing.assert_close(objective.teacher_text, own_t)
+    torch.testing.assert_close(objective.student_text, own_s)
+    assert objective.thing_mask.tolist() == [True, True, False, False]
