@@ -229,3 +229,177 @@ def assert_compiled_run_matches_eager(out: dict, graphs: dict, base: dict) -> No
     moved = torch.cat([(eager[k].float() - init[k].float()).flatten() for k in eager]).norm()
     apart = torch.cat([(eager[k].float() - comp[k].float()).flatten() for k in eager]).norm()
     assert moved > 0 and apart / moved < 1e-2, (float(apart), float(moved))
+
+
+# --------------------------------------------------------------------------- CLIPSelf: crops and loss, by hand
+
+CELL_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+
+
+def _four_cell_image(tmp: Path) -> Path:
+    """A 301 x 200 image whose 2 x 2 grid cells (the only DenseVLM choice with max_split 2) are solid colours.
+
+    Cell edges by hand: x at 301 / 2 = 150.5 (PIL and the reference round it to 150), y at 100."""
+    arr = np.zeros((200, 301, 3), dtype=np.uint8)
+    arr[:100, :150], arr[:100, 150:], arr[100:, :150], arr[100:, 150:] = CELL_COLOURS
+    (tmp / "images").mkdir()
+    Image.fromarray(arr).save(tmp / "images" / "cells.png")
+    return tmp / "images"
+
+
+def test_clipself_crops_are_the_grid_cells_centred_as_the_reference_resizes_them(tmp_path):
+    """Each crop is its own cell and nothing of a neighbour: the 150 x 100 (or 151 x 100) cell resized to 32 px wide,
+    21 px high, centred on a black 32 x 32 square (open_clip's ResizeMaxSize: 5 rows above, 6 below), as CLIPSelf's
+    crop transform makes it."""
+    from densevlm.config.sources import ImageSourceConfig
+    from densevlm.data.regions import GridRegionDataset
+    from densevlm.data.sources import ImageSource
+
+    folder = _four_cell_image(tmp_path)
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # crops stay in [0, 1], colours are readable
+    ds = GridRegionDataset(ImageSource(ImageSourceConfig(kind="folder", path=str(folder))), 64, max_split=2,
+                           max_boxes=6, crop_size=32, mean=mean, std=std)
+    item = ds[0]
+    # the cells on the 64-px canvas, normalised: pixel / 301 (the canvas scale 64/301 over the canvas side 64)
+    by_hand = {(0.0, 0.0, 150.5 / 301, 100 / 301): 0, (150.5 / 301, 0.0, 1.0, 100 / 301): 1,
+               (0.0, 100 / 301, 150.5 / 301, 200 / 301): 2, (150.5 / 301, 100 / 301, 1.0, 200 / 301): 3}
+    assert item["valid"].tolist() == [True] * 4 + [False] * 2
+    assert (item["crops"][4:] == 0).all()
+    seen = []
+    for box, crop in zip(item["boxes"][:4], item["crops"][:4]):
+        cell = [c for b, c in by_hand.items() if torch.allclose(box, torch.tensor(b), atol=1e-6)]
+        assert len(cell) == 1, box
+        seen.append(cell[0])
+        expected = torch.zeros(3, 32, 32)
+        expected[:, 5:26, :] = torch.tensor(CELL_COLOURS[cell[0]]).float().view(3, 1, 1) / 255
+        assert (crop - expected).abs().max() < 1e-6, (cell[0], (crop - expected).abs().amax(dim=(0, 2)))
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_clipself_loss_is_one_minus_cosine_to_the_teachers_crop_embeddings():
+    """The objective against an independent computation: torchvision RoIAlign (1x1, aligned, boxes scaled to the
+    token grid) on the student's dense map, open_clip's own ``encode_image`` of each valid box's crop on the teacher,
+    mean of 1 - cos over the valid boxes only (padding boxes and their zero crops take no part)."""
+    from torchvision.ops import roi_align
+
+    from densevlm.config.model import ModelSpec
+    from densevlm.engine.step_module import StepModule
+    from densevlm.methods.clipself import CLIPSelfObjective
+    from densevlm.models import create_backbone
+
+    torch.manual_seed(0)
+    student = create_backbone(ModelSpec(name="ToyCLIP-ViT-T-16", model_overrides=TINY))
+    torch.manual_seed(1)
+    teacher = create_backbone(ModelSpec(name="ToyCLIP-ViT-T-16", model_overrides=TINY))
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.5, 1.0, 1.0], [0.1, 0.1, 0.2, 0.2]],
+                          [[0.5, 0.0, 1.0, 0.75], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    size = teacher.native_image_size
+    crops = torch.randn(2, 3, 3, size, size, generator=g)
+    objective = CLIPSelfObjective(teacher)
+    objective.prepare(torch.device("cpu"))
+    out = objective(StepModule(student), {"image": images, "boxes": boxes, "valid": valid, "crops": crops})
+    with torch.no_grad():
+        dense = student.encode_dense(images)
+        h, w = dense.shape[-2:]
+        rois = [b[v] * torch.tensor([w, h, w, h]) for b, v in zip(boxes, valid)]
+        region = roi_align(dense, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1,
+                           aligned=True).flatten(1)
+        target = teacher.clip.encode_image(torch.stack([crops[0, 0], crops[0, 1], crops[1, 0]]))
+    cos = F.cosine_similarity(region, target, dim=-1)
+    assert cos.shape == (3,) and cos.std() > 1e-3
+    torch.testing.assert_close(out.loss.detach(), (1 - cos).mean(), atol=1e-5, rtol=1e-5)
+    assert out.metrics["cosine"] == pytest.approx(float(cos.mean()), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- DenseVLM: each side in its own text space
+
+
+def _decoupled_kl_by_hand(t_logits, s_logits, thing_mask, labels):
+    """KL(p_T || p_S) over the thing columns for regions whose teacher label is a thing, over all columns for the
+    others, each averaged over its own group (METHOD_DENSEVLM.md §1.5); every region is confident here."""
+    thing = thing_mask[labels]
+    total = 0.0
+    for rows, cols in ((thing, thing_mask), (~thing, torch.ones_like(thing_mask))):
+        log_p = t_logits[rows][:, cols].log_softmax(-1)
+        log_q = s_logits[rows][:, cols].log_softmax(-1)
+        total = total + (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return total
+
+
+def test_densevlm_scores_teacher_and_student_regions_each_against_its_own_text():
+    """Distinct teacher and student text embeddings (the teacher's in another space, as an L/14 teacher's are): the
+    loss is the decoupled KL between teacher features · TEACHER text and student features · STUDENT text, computed
+    here by hand; the swapped assignment gives another loss, so a swap in the objective fails this test."""
+    from torchvision.ops import roi_align
+
+    from densevlm.config.model import ModelSpec
+    from densevlm.engine.step_module import StepModule
+    from densevlm.models import create_backbone
+
+    torch.manual_seed(0)
+    student = create_backbone(ModelSpec(name="ToyCLIP-ViT-T-16", model_overrides=TINY))
+    d = student.embed_dim
+    g = torch.Generator().manual_seed(3)
+    teacher_text = F.normalize(torch.randn(5, d, generator=g), dim=-1)
+    student_text = F.normalize(torch.randn(5, d, generator=g), dim=-1)
+    thing_mask = torch.tensor([True, True, True, False, False])
+    labels = torch.tensor([0, 3, 2, 4])  # thing, stuff, thing (the last thing class), stuff
+    # teacher region features near their class's TEACHER text: confident, with the arg-max labels above
+    t_feats = teacher_text[labels] + 0.02 * torch.randn(4, d, generator=g)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]],
+                          [[0.2, 0.1, 0.9, 0.6], [0.0, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, True, False], [True, True, False]])
+    cached = torch.zeros(2, 3, d)
+    cached[valid] = t_feats
+    batch = {"image": images, "boxes": boxes, "valid": valid, "teacher_features": cached,
+             "cached": torch.tensor([True, True])}
+    objective = DenseVLMObjective(None, teacher_text, student_text, thing_mask)
+    out = objective(StepModule(student), batch)
+
+    with torch.no_grad():
+        dense = student.encode_dense(images)
+        h, w = dense.shape[-2:]
+        rois = [b[v] * torch.tensor([w, h, w, h]) for b, v in zip(boxes, valid)]
+        s_feats = roi_align(dense, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1,
+                            aligned=True).flatten(1)
+    t_logits = F.normalize(t_feats, dim=-1) @ teacher_text.t() / 0.01
+    s_logits = F.normalize(s_feats, dim=-1) @ student_text.t() / 0.01
+    assert torch.equal(t_logits.argmax(-1), labels) and t_logits.softmax(-1).amax(-1).min() > 0.3
+    expected = _decoupled_kl_by_hand(t_logits, s_logits, thing_mask, labels)
+    torch.testing.assert_close(out.loss.detach(), expected, atol=1e-3, rtol=1e-5)
+    assert out.metrics["thing_regions"] == 2 and out.metrics["stuff_regions"] == 2
+    # what a swap of the two text tables would compute is far from it
+    swapped = _decoupled_kl_by_hand(F.normalize(t_feats, dim=-1) @ student_text.t() / 0.01,
+                                    F.normalize(s_feats, dim=-1) @ teacher_text.t() / 0.01, thing_mask, labels)
+    assert abs(float(swapped) - float(expected)) > 1.0
+
+
+def test_train_job_gives_the_objective_each_models_own_text_embeddings(tmp_path):
+    """build_densevlm: the teacher's table comes from the teacher's text tower, the student's from the student's
+    (two different random towers here), novel classes dropped from both in the same rows."""
+    from densevlm.config.model import ModelSpec
+    from densevlm.models import create_backbone
+    from densevlm.tasks.align import METHODS
+    from densevlm.vocab import text_embeddings_from_config
+
+    paths = _write_world(tmp_path)
+    torch.manual_seed(7)
+    teacher = create_backbone(ModelSpec(name="ToyCLIP-ViT-T-16", model_overrides=TINY))
+    teacher.save_weights(tmp_path / "teacher.safetensors")
+    raw = _tiny_cfg(tmp_path, paths)
+    raw["teacher"]["pretrained"] = str(tmp_path / "teacher.safetensors")
+    cfg = from_dict(AlignConfig, raw)
+    torch.manual_seed(0)
+    student = create_backbone(cfg.student)
+    objective = METHODS["densevlm"](cfg, student).objective
+    keep = [0, 1, 3, 4]  # 'kite' (class 2) is novel: excluded
+    own_t = F.normalize(text_embeddings_from_config(teacher, cfg.teacher_text, progress=False)[1][keep], dim=-1)
+    own_s = F.normalize(text_embeddings_from_config(student, cfg.student_text, progress=False)[1][keep], dim=-1)
+    assert (own_t * own_s).sum(-1).max() < 0.9  # the two towers really embed differently
+    torch.testing.assert_close(objective.teacher_text, own_t)
+    torch.testing.assert_close(objective.student_text, own_s)
+    assert objective.thing_mask.tolist() == [True, True, False, False]

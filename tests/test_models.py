@@ -133,16 +133,77 @@ def test_weights_id_random_init_is_a_state_dict_hash():
 # ------------------------------------------------------------------------------------------ dense path
 
 
-@pytest.mark.parametrize("size", [(1.0, 1.0), (1.25, 0.75), (0.8, 1.5)])
-def test_dense_shape_and_unit_norm(any_model, size):
-    p = any_model.patch_size
+def _only_self_attention_in_last_block(blocks: list[torch.nn.Module], n_tokens: int):
+    """A forward pre-hook on the last block giving its attention a diagonal mask: each token attends to itself only,
+    so softmax(q·kᵀ) is the identity and the block computes exactly its value path (the MaskCLIP trick, §1.6)."""
+    only_self = torch.full((n_tokens, n_tokens), float("-inf")).fill_diagonal_(0.0)
+
+    def hook(_module, args, kwargs):
+        return args, {**kwargs, "attn_mask": only_self}
+
+    return blocks[-1].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _dense_by_the_towers_own_forward(model, x: torch.Tensor) -> torch.Tensor:
+    """(B, N, embed_dim) patch features BEFORE normalisation, from open_clip's / timm's own forward (not ours): the
+    whole tower with the last block's attention restricted to each token itself, its final norm on every token, the
+    projection into the text space. An open_clip ViT at another grid gets its position table resized here with the
+    reference's plain bicubic (align_corners False, no antialias); timm's EVA runs at its native size only."""
+    p = model.patch_size
+    grid = (x.shape[-2] // p, x.shape[-1] // p)
+    n = 1 + grid[0] * grid[1]
+    if isinstance(model, EvaDense):
+        trunk = model.clip.visual.trunk
+        assert grid == model.native_grid, "timm's EVA resamples position tables its own way: native size only"
+        handle = _only_self_attention_in_last_block(list(trunk.blocks), n)
+        try:
+            tokens = trunk.forward_features(x)[:, 1:]
+        finally:
+            handle.remove()
+        b, m, c = tokens.shape
+        # timm's head path (class-token pool -> fc_norm -> head), run on each patch token as if it were the class token
+        return model.clip.visual.head(trunk.forward_head(tokens.reshape(b * m, 1, c))).reshape(b, m, -1)
+    visual = model.clip.visual
+    assert visual.transformer.batch_first and not visual.final_ln_after_pool
+    original = visual.positional_embedding
+    table = original.detach()
+    if grid != tuple(visual.grid_size):
+        gh, gw = visual.grid_size
+        cells = table[1:].T.reshape(1, -1, gh, gw)
+        cells = F.interpolate(cells, size=grid, mode="bicubic", align_corners=False).reshape(table.shape[1], -1).T
+        table = torch.cat([table[:1], cells])
+    handle = _only_self_attention_in_last_block(list(visual.transformer.resblocks), n)
+    visual.positional_embedding, visual.output_tokens = torch.nn.Parameter(table), True
+    try:
+        _, tokens = visual(x[..., : grid[0] * p, : grid[1] * p])
+    finally:
+        visual.positional_embedding, visual.output_tokens = original, False
+        handle.remove()
+    return tokens @ visual.proj
+
+
+DENSE_CASES = [(m, s) for m in ("toy", "vit", "vit_custom") for s in ((1.0, 1.0), (1.25, 0.75), (0.8, 1.5))]
+
+
+@pytest.mark.parametrize("name,size", DENSE_CASES + [("eva", (1.0, 1.0))])
+def test_dense_map_is_the_towers_own_forward_with_self_only_last_attention(request, name, size):
+    """encode_dense equals an independent computation: open_clip's / timm's forward with the last block's attention
+    masked to the diagonal (which IS the value path), final norm and projection per token, then L2 normalisation.
+    The pre-normalisation norms vary from token to token, so the comparison is of directions that mean something."""
+    model = request.getfixturevalue(name)
+    p = model.patch_size
     # sizes relative to the native one, rounded to odd pixel counts so the patch remainder is dropped
-    h = int(any_model.native_image_size * size[0]) + p // 2
-    w = int(any_model.native_image_size * size[1]) + p // 3
+    h = int(model.native_image_size * size[0]) + (p // 2 if name != "eva" else 0)
+    w = int(model.native_image_size * size[1]) + (p // 3 if name != "eva" else 0)
+    x = _images(model, h, w)
     with torch.no_grad():
-        dense = any_model.encode_dense(_images(any_model, h, w))
-    assert dense.shape == (2, any_model.embed_dim, h // p, w // p)
-    assert torch.allclose(dense.norm(dim=1), torch.ones(2, h // p, w // p), atol=1e-5)
+        dense = model.encode_dense(x)
+        raw = _dense_by_the_towers_own_forward(model, x)
+    assert dense.shape == (2, model.embed_dim, h // p, w // p)
+    norms = raw.norm(dim=-1)
+    assert norms.std() > 0.01 * norms.mean()  # normalising really changes the map: not a can't-fail comparison
+    expected = F.normalize(raw, dim=-1).reshape(2, h // p, w // p, -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(dense, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_value_path_last_block_differs_from_standard(any_model):

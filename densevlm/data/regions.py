@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from densevlm.data.captions import item_rng
 from densevlm.data.grid_boxes import grid_boxes_with_cells, grid_choices
 from densevlm.data.sources import ImageSource
-from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_pad, to_tensor
+from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_center_pad, resize_longest_pad, to_tensor
 
 
 class GridRegionDataset(Dataset):
@@ -19,8 +19,9 @@ class GridRegionDataset(Dataset):
     Items: ``image`` (3, S, S), ``boxes`` (max_boxes, 4) normalised on the canvas, ``valid`` (max_boxes,),
     ``cells`` (max_boxes,) each box's global grid-cell index (-1 for padding, see
     :func:`~densevlm.data.grid_boxes.cell_offsets`) and, only when ``crop_size`` is set (CLIPSelf's teacher needs
-    them; DenseVLM does not), ``crops`` (max_boxes, 3, crop, crop) taken from the original image, zero where a box
-    is padding. With a ``teacher_cache`` (a :class:`~densevlm.data.teacher_cache.TeacherCache` opened for this
+    them; DenseVLM does not), ``crops`` (max_boxes, 3, crop, crop) taken from the original image (longest side
+    resized to ``crop_size``, centred on a black square as the reference's ``ResizeMaxSize``), zero where a box is
+    padding. With a ``teacher_cache`` (a :class:`~densevlm.data.teacher_cache.TeacherCache` opened for this
     source) items also carry ``teacher_features`` (max_boxes, D) float16, the cached teacher region features of the
     drawn cells (zero for padding), ``cached`` (whether the image was in the cache) and ``size`` (the original
     width and height, from which an uncached image's cells are computed).
@@ -60,7 +61,7 @@ class GridRegionDataset(Dataset):
             crops = torch.zeros(self.max_boxes, 3, self.crop_size, self.crop_size)
             for k in range(int(valid.sum())):
                 x0, y0, x1, y1 = (round(v) for v in pixel[k].tolist())
-                crop, _ = resize_longest_pad(img.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), self.crop_size)
+                crop = resize_longest_center_pad(img.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), self.crop_size)
                 crops[k] = to_tensor(crop, self.mean, self.std)
             item["crops"] = crops
         return item

@@ -61,6 +61,21 @@ def resize_longest_pad(img: Image.Image, size: int) -> tuple[Image.Image, float]
     return canvas, scale
 
 
+def resize_longest_center_pad(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the longest side is ``size`` and zero-pad to size×size with the image in the middle.
+
+    The reference's crop transform (open_clip's ``ResizeMaxSize``, which CLIPSelf applies to each box crop): the
+    padding is split ``pad // 2`` before and the rest after, unlike :func:`resize_longest_pad` (the detection-size
+    canvas, padded right/bottom).
+    """
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(img.convert("RGB").resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
+    return canvas
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Bicubic resize of the short side to ``size``, then the centre ``size`` x ``size`` crop (the reference's)."""
     w, h = img.size
