@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densevlm.methods.base import ObjectiveOutput
-from densevlm.methods.regions import per_image_boxes, student_region_features
+from densevlm.methods.regions import batch_masks, per_image_boxes, student_region_features
 
 
 class CLIPSelfObjective:
@@ -32,7 +32,7 @@ class CLIPSelfObjective:
         boxes = per_image_boxes(batch["boxes"], valid)
         with torch.no_grad():
             target = F.normalize(self.teacher.encode_image(batch["crops"][valid]).float(), dim=-1)
-        student = F.normalize(step_model(student_region_features, images, boxes).float(), dim=-1)
+        student = F.normalize(step_model(student_region_features, images, boxes, batch_masks(batch)).float(), dim=-1)
         cos = (student * target).sum(-1)
         loss = (1.0 - cos).mean() if len(cos) else student.sum() * 0.0
         return ObjectiveOutput(loss, {"cosine": float(cos.detach().mean()) if len(cos) else 0.0})

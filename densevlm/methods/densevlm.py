@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densevlm.methods.base import ObjectiveOutput
-from densevlm.methods.regions import per_image_boxes, student_region_features
+from densevlm.methods.regions import batch_masks, per_image_boxes, student_region_features
 from densevlm.methods.teacher_targets import TeacherTargets, as_teacher_targets
 
 
@@ -107,7 +107,7 @@ class DenseVLMObjective:
         boxes = per_image_boxes(batch["boxes"], batch["valid"])
         t_feats, n_online = self.batch_teacher_features(batch, boxes)
         t_logits = self.logits_of_teacher_features(t_feats)
-        s_feats = step_model(student_region_features, images, boxes)
+        s_feats = step_model(student_region_features, images, boxes, batch_masks(batch))
         s_logits = F.normalize(s_feats.float(), dim=-1) @ self.student_text.t() / self.temperature
         loss, metrics = self.loss_from_logits(t_logits, s_logits)
         if "teacher_features" in batch:
