@@ -27,7 +27,7 @@ from torch import nn
 
 from densevlm.methods.base import ObjectiveOutput
 from densevlm.methods.corrections import TargetCorrections
-from densevlm.methods.regions import batch_masks, per_image_boxes, student_region_features
+from densevlm.methods.regions import per_image_boxes, region_args, student_region_features
 from densevlm.methods.teacher_targets import TeacherTargets, as_teacher_targets
 
 
@@ -112,14 +112,13 @@ class DenseVLMObjective:
         return loss, metrics
 
     def __call__(self, step_model: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
-        images = batch["image"]
         boxes = per_image_boxes(batch["boxes"], batch["valid"])
         t_feats, n_online = self.batch_teacher_features(batch, boxes)
         t_logits = self.logits_of_teacher_features(t_feats)
         drop, n_corrected = None, 0
         if self.corrections is not None:
             t_logits, drop, n_corrected = self.corrections.adjust(batch, t_logits)
-        s_feats = step_model(student_region_features, images, boxes, batch_masks(batch))
+        s_feats = step_model(student_region_features, *region_args(batch, boxes))
         s_logits = F.normalize(s_feats.float(), dim=-1) @ self.student_text.t() / self.temperature
         loss, metrics = self.loss_from_logits(t_logits, s_logits, drop)
         if self.corrections is not None:

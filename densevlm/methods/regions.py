@@ -21,6 +21,13 @@ def batch_masks(batch: dict[str, Any]) -> Optional[dict[str, torch.Tensor]]:
     return {**batch["masks"], "valid": batch["valid"]}
 
 
+def region_args(batch: dict[str, Any], boxes: list[torch.Tensor]) -> tuple[Any, ...]:
+    """The arguments of :func:`student_region_features` for ``batch``: ``(images, boxes)``, and the masks only for
+    a mask region source (box regions keep the call they always had)."""
+    masks = batch_masks(batch)
+    return (batch["image"], boxes) if masks is None else (batch["image"], boxes, masks)
+
+
 def pool_regions(model: nn.Module, dense: torch.Tensor, boxes: list[torch.Tensor],
                  masks: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
     """(sum K_i, C) region features of a dense map: RoIAlign over the boxes, or with ``masks`` (from

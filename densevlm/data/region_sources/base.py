@@ -41,7 +41,9 @@ class ImageRegions:
 
     ``boxes`` (K, 4) float64 original-image pixels ``[x0, y0, x1, y1]``; ``slots`` (K,) their slots; ``ids`` the
     file's ids (annotation ids, for messages and exports); ``scores`` (K,); ``masks`` None for box regions, else a
-    function giving the (K, H, W) bool masks at the image's resolution (decoded only when asked).
+    function giving the (K, H, W) bool masks at the image's resolution (decoded only when asked); ``to_canvas``
+    maps pixel boxes onto the canvas (``(boxes, width, height, size) -> (K, 4)``; the grid keeps its own
+    arithmetic, so a labelled cell is bit for bit the cell training draws and the teacher cache stores).
     """
 
     boxes: np.ndarray
@@ -50,6 +52,7 @@ class ImageRegions:
     scores: np.ndarray
     masks: Optional[Callable[[], np.ndarray]] = None
     categories: list[Any] = field(default_factory=list)
+    to_canvas: Optional[Callable[[np.ndarray, int, int, int], torch.Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -182,7 +185,8 @@ def regions_on_canvas(regions: ImageRegions, keep: Sequence[int], width: int, he
     """The kept regions (positions ``keep`` of ``regions``) on the canvas: ``boxes`` (k, 4) normalised and, for a
     mask source, ``masks`` {``p<patch>``: (k, g, g)} on the token grid of each patch size in ``patches``."""
     keep = list(keep)
-    out: dict[str, Any] = {"boxes": boxes_on_canvas(regions.boxes[keep], width, height, size)}
+    to_canvas = regions.to_canvas or boxes_on_canvas
+    out: dict[str, Any] = {"boxes": to_canvas(regions.boxes[keep], width, height, size)}
     if regions.masks is not None:
         full = regions.masks()[keep] if keep else np.zeros((0, height, width), dtype=bool)
         out["masks"] = {f"p{p}": masks_on_grid(full, width, height, size, p) for p in patches}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from densevlm.config.regions import RegionSourceConfig
@@ -17,6 +18,13 @@ from densevlm.data.sources import ImageSource
 
 def grid_identity(cfg: RegionSourceConfig, grid: GridSpec) -> dict[str, Any]:
     return {"kind": "grid", "grid_style": grid.style, "max_split": grid.max_split}
+
+
+def cells_on_canvas(boxes: np.ndarray, width: int, height: int, size: int) -> torch.Tensor:
+    """Grid cells in pixels -> the canvas, with :func:`~densevlm.data.grid_boxes.grid_boxes_with_cells`'s own
+    arithmetic (float32 pixels times the unrounded resize factor over the canvas side, clamped)."""
+    scale = size / max(width, height)
+    return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * (scale / size)).clamp_(0.0, 1.0)
 
 
 class GridRegions:
@@ -41,7 +49,8 @@ class GridRegions:
         cells = [(c * width / self.cols, r * height / self.rows, (c + 1) * width / self.cols,
                   (r + 1) * height / self.rows) for r in range(self.rows) for c in range(self.cols)]
         slots = [self.first_cell + k for k in range(len(cells))]
-        return ImageRegions(np.asarray(cells, dtype=np.float64), slots, list(slots), np.ones(len(cells)))
+        return ImageRegions(np.asarray(cells, dtype=np.float64), slots, list(slots), np.ones(len(cells)),
+                            to_canvas=cells_on_canvas)
 
     def training_dataset(self, *, image_size: int, max_boxes: int, crop_size: Any, mean: Any, std: Any,
                          seed: int, teacher_cache: Any = None, mask_patches: Any = ()) -> Dataset:
