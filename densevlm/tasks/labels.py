@@ -74,8 +74,8 @@ def run_propose(cfg: LabelsProposeConfig, *, progress: bool = True) -> dict[str,
         text, vocab = text[~vocab.novel_mask], vocab.seen()
     text = F.normalize(text.float(), dim=-1).to(device)
     thing = vocab.thing_mask
-    keys, ids = source_images(images)
-    image_id = {i: iid for iid, i in ids.items()}
+    known = source_images(images)
+    keys, image_id = known.keys, {i: iid for iid, i in known.ids.items()}
     size, k_top = cfg.data.image_size, min(cfg.top_k, len(vocab))
     category_id = [c.id if c.id is not None else i + 1 for i, c in enumerate(vocab.classes)]
 

@@ -128,20 +128,46 @@ def describe_identity(identity: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- images
-def source_images(images: ImageSource) -> tuple[list[str], dict[Any, int]]:
-    """(file names, image id -> index) of an image source: the names relative to its image root (the teacher
-    cache's image keys), and the ids of its COCO json where it has one (a folder source has none)."""
+@dataclass
+class SourceImages:
+    """How a region file names the images of an image source.
+
+    ``keys``: each image's name relative to the source's image root (the teacher cache's image keys); ``ids``:
+    image id -> index from the source's COCO json (a folder source has none); ``all_names`` / ``all_ids``: every
+    image the source has before ``max_images`` cuts it, so that a region of an image left out is skipped while a
+    region of an image the source does not have at all is an error.
+    """
+
+    keys: list[str]
+    ids: dict[Any, int]
+    all_names: set[str]
+    all_ids: set[Any]
+    root: Optional[Path] = None
+
+    def has_name(self, name: str) -> bool:
+        if name in self.all_names:
+            return True
+        return self.root is not None and (self.root / name).is_file()
+
+
+def source_images(images: ImageSource) -> SourceImages:
+    """The :class:`SourceImages` of ``images``."""
     keys = image_keys(images)
     cfg = images.cfg
     json_path = {"coco_json": cfg.path,
                  "toyworld": str(Path(cfg.path) / "annotations" / f"captions_{cfg.split}.json")}.get(cfg.kind)
     ids: dict[Any, int] = {}
+    all_names, all_ids = set(keys), set()
     if json_path:
         by_name = {k: i for i, k in enumerate(keys)}
         for img in read_json(json_path, "COCO json").get("images", []):
-            if str(img.get("file_name")) in by_name:
-                ids[img["id"]] = by_name[str(img["file_name"])]
-    return keys, ids
+            name = str(img.get("file_name"))
+            all_names.add(name)
+            all_ids.add(img.get("id"))
+            if name in by_name:
+                ids[img["id"]] = by_name[name]
+    root = Path(cfg.path) if cfg.kind == "folder" else None
+    return SourceImages(keys, ids, all_names, all_ids, root)
 
 
 def select(scores: np.ndarray, top_k: int, min_score: float) -> np.ndarray:

@@ -103,26 +103,26 @@ def read_region_file(path: str | Path, images: ImageSource, *, need_masks: bool)
     """Read ``path`` (see the module docstring) for the images of ``images``."""
     p = Path(path)
     data = read_json(p, "region file")
-    keys, ids = source_images(images)
+    known = source_images(images)
+    keys = known.keys
     by_name = {k: i for i, k in enumerate(keys)}
     by_basename = {Path(k).name: i for i, k in enumerate(keys)}
-    # A source cut short (max_images) still knows its image names, but not the rest: only those are checked.
-    partial = images.cfg.max_images is not None
+    all_basenames = {Path(n).name for n in known.all_names}
 
     def index_of_name(name: str, where: str) -> Optional[int]:
         i = by_name.get(name, by_basename.get(Path(name).name))
-        if i is None and not partial:
+        if i is None and not (known.has_name(name) or Path(name).name in all_basenames):
             raise RegionSourceError(f"{where}: image {name!r} is not in the image source "
-                                    f"({images.cfg.kind}:{images.cfg.path}, {len(keys)} images)")
-        return i
+                                    f"({images.cfg.kind}:{images.cfg.path}, {len(known.all_names)} images)")
+        return i  # None: an image of the source that max_images leaves out
 
     def index_of_id(image_id: Any, where: str) -> Optional[int]:
-        i = ids.get(image_id)
-        if i is None and not partial:
-            known = "it has ids " + ", ".join(map(str, list(ids)[:5])) if ids else "it has no image ids (a folder)"
+        if image_id not in known.all_ids:
+            have = (f"it has ids {', '.join(map(str, sorted(known.all_ids, key=str)[:5]))}, ..." if known.all_ids
+                    else "it has no image ids (a folder)")
             raise RegionSourceError(f"{where}: image_id {image_id!r} is not in the image source "
-                                    f"({images.cfg.kind}:{images.cfg.path}; {known})")
-        return i
+                                    f"({images.cfg.kind}:{images.cfg.path}; {have})")
+        return known.ids.get(image_id)
 
     entries: dict[int, list[Entry]] = {}
     sizes: dict[int, tuple[int, int]] = {}
