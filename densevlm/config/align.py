@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 from densevlm.config.evaluation import PanopticDataConfig, RegionTextConfig
 from densevlm.config.model import ModelSpec
+from densevlm.config.regions import RegionSourceConfig, TeacherTargetsConfig
 from densevlm.config.sources import ImageSourceConfig
 from densevlm.config.train import LoopConfig, OptimConfig
 from densevlm.config.vocab import TextEmbeddingConfig
@@ -14,9 +15,11 @@ from densevlm.config.vocab import TextEmbeddingConfig
 
 @dataclass
 class RegionDataConfig:
-    """Images (any source), resize-longest + pad to ``image_size``, random grid boxes."""
+    """Images (any source), resize-longest + pad to ``image_size``, regions from ``regions`` (random grid boxes by
+    default; boxes or masks from a COCO file)."""
 
     source: ImageSourceConfig = field(default_factory=ImageSourceConfig)
+    regions: RegionSourceConfig = field(default_factory=RegionSourceConfig)
     image_size: int = 512
     max_boxes: int = 0  # 0 = the method's default (DenseVLM 36, CLIPSelf 20)
     max_split: int = 6
@@ -74,6 +77,7 @@ class AlignConfig:
     # features are written to the cache, so the first epoch fills it and later epochs (and later runs) read it.
     teacher_cache: Optional[str] = None
     teacher_cache_missing: Literal["error", "online", "fill"] = "error"
+    teacher_targets: TeacherTargetsConfig = field(default_factory=TeacherTargetsConfig)
     data: RegionDataConfig = field(default_factory=RegionDataConfig)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -86,3 +90,6 @@ class AlignConfig:
             raise ValueError("method 'densevlm' needs a teacher (teacher.name and teacher.pretrained)")
         if self.teacher_cache is not None and self.method != "densevlm":
             raise ValueError(f"teacher_cache: only method 'densevlm' reads a teacher cache, not {self.method!r}")
+        if self.teacher_targets.corrections is not None and self.method != "densevlm":
+            raise ValueError(f"teacher_targets.corrections: only method 'densevlm' trains on corrected teacher "
+                             f"labels, not {self.method!r}")

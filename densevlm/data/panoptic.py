@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from densevlm.config.evaluation import PanopticDataConfig
 from densevlm.data.images import ImageReadError, load_rgb
-from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_pad, to_tensor
+from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_pad, resized_size, to_tensor
 from densevlm.utils.io import read_json
 from densevlm.vocab.registry import vocabulary_from_categories_file
 from densevlm.vocab.vocabulary import Vocabulary, split_synonyms
@@ -301,9 +301,9 @@ class PanopticRegionDataset(Dataset):
                 f"{self.json_path}: image {record.file_name} is {orig_w}x{orig_h} but its PNG {record.png_name} "
                 f"is {id_map.shape[1]}x{id_map.shape[0]}"
             )
-        canvas, scale = resize_longest_pad(image, size)
+        canvas, _ = resize_longest_pad(image, size)
         # The same rounding as resize_longest_pad: boxes and masks follow the content exactly as it was resized.
-        new_w, new_h = max(1, round(orig_w * scale)), max(1, round(orig_h * scale))
+        new_w, new_h = resized_size(orig_w, orig_h, size)
         sx, sy = new_w / orig_w, new_h / orig_h
 
         inverse = self._segment_index(record, id_map)  # json segment j at pixels == j

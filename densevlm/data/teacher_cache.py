@@ -76,8 +76,12 @@ def shard_files(root: Path) -> list[Path]:
 
 def cache_metadata(*, teacher_name: str, teacher_weights: str, dense_last_block: str, image_size: int,
                    grid_style: str, max_split: int, mean: Sequence[float], std: Sequence[float],
-                   dtype: str = "fp16") -> dict[str, Any]:
-    """Everything the cached features depend on; the cache is used only when all of it matches the run."""
+                   dtype: str = "fp16", regions: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Everything the cached features depend on; the cache is used only when all of it matches the run.
+
+    ``regions``: the identity of the run's region source (``data.regions``; None: the grid of ``grid_style`` and
+    ``max_split``), so a cache built for one source is refused for another, naming both.
+    """
     if dtype not in DTYPES:
         raise TeacherCacheError(f"teacher cache dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     choices = grid_choices(max_split, grid_style)
@@ -88,6 +92,7 @@ def cache_metadata(*, teacher_name: str, teacher_weights: str, dense_last_block:
         "transform": {"resize": TRANSFORM, "mean": [round(float(m), 8) for m in mean],
                       "std": [round(float(s), 8) for s in std]},
         "dtype": dtype, "normalized": True,
+        "regions": regions or {"kind": "grid", "grid_style": grid_style, "max_split": int(max_split)},
     }
 
 

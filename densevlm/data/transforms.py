@@ -47,6 +47,13 @@ def random_resized_crop(img: Image.Image, size: int, rng: random.Random, scale: 
     return out
 
 
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(new width, new height) of the content on the ``size`` canvas of :func:`resize_longest_pad`: a point
+    ``(x, y)`` of the original image lies at ``(x * new_w / width, y * new_h / height)`` on the canvas."""
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def resize_longest_pad(img: Image.Image, size: int) -> tuple[Image.Image, float]:
     """Resize so the longest side is ``size`` and zero-pad right/bottom to size×size (the reference protocol).
 
@@ -54,7 +61,7 @@ def resize_longest_pad(img: Image.Image, size: int) -> tuple[Image.Image, float]
     """
     w, h = img.size
     scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    nw, nh = resized_size(w, h, size)
     resized = img.convert("RGB").resize((nw, nh), Image.BICUBIC)
     canvas = Image.new("RGB", (size, size), (0, 0, 0))
     canvas.paste(resized, (0, 0))

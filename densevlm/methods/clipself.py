@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densevlm.methods.base import ObjectiveOutput
-from densevlm.methods.regions import per_image_boxes, student_region_features
+from densevlm.methods.regions import per_image_boxes, region_args, student_region_features
 
 
 class CLIPSelfObjective:
@@ -28,11 +28,11 @@ class CLIPSelfObjective:
     def __call__(self, step_model: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
         if "crops" not in batch:
             raise KeyError("CLIPSelf needs box crops in the batch; build the dataset with crop_size set")
-        images, valid = batch["image"], batch["valid"]
+        valid = batch["valid"]
         boxes = per_image_boxes(batch["boxes"], valid)
         with torch.no_grad():
             target = F.normalize(self.teacher.encode_image(batch["crops"][valid]).float(), dim=-1)
-        student = F.normalize(step_model(student_region_features, images, boxes).float(), dim=-1)
+        student = F.normalize(step_model(student_region_features, *region_args(batch, boxes)).float(), dim=-1)
         cos = (student * target).sum(-1)
         loss = (1.0 - cos).mean() if len(cos) else student.sum() * 0.0
         return ObjectiveOutput(loss, {"cosine": float(cos.detach().mean()) if len(cos) else 0.0})

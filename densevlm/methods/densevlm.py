@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from densevlm.methods.base import ObjectiveOutput
-from densevlm.methods.regions import per_image_boxes, student_region_features
+from densevlm.methods.corrections import TargetCorrections
+from densevlm.methods.regions import per_image_boxes, region_args, student_region_features
 from densevlm.methods.teacher_targets import TeacherTargets, as_teacher_targets
 
 
@@ -50,11 +51,14 @@ class DenseVLMObjective:
         threshold: keep a region when the teacher's max probability exceeds this.
         teacher_autocast: with a module as ``teacher``, run its forward under autocast to this dtype (the
             training precision; the student's forward gets it from accelerate), None for full precision.
+        corrections: reviewed labels and class rules (:class:`~densevlm.methods.corrections.TargetCorrections`):
+            a corrected region's target is its class, one-hot; a deleted region is dropped.
     """
 
     def __init__(self, teacher: Optional[nn.Module | TeacherTargets], teacher_text: torch.Tensor,
                  student_text: torch.Tensor, thing_mask: torch.Tensor, *, temperature: float = 0.01,
-                 threshold: float = 0.3, teacher_autocast: Optional[torch.dtype] = None) -> None:
+                 threshold: float = 0.3, teacher_autocast: Optional[torch.dtype] = None,
+                 corrections: Optional[TargetCorrections] = None) -> None:
         if teacher_text.shape[0] != student_text.shape[0] or teacher_text.shape[0] != thing_mask.shape[0]:
             raise ValueError(f"teacher ({teacher_text.shape[0]}), student ({student_text.shape[0]}) text embeddings "
                              f"and thing mask ({thing_mask.shape[0]}) must cover the same vocabulary")
@@ -65,6 +69,7 @@ class DenseVLMObjective:
         self.student_text = F.normalize(student_text.float(), dim=-1)
         self.thing_mask = thing_mask.bool()
         self.temperature, self.threshold = temperature, threshold
+        self.corrections = corrections
 
     def prepare(self, device: torch.device) -> None:
         self.targets.prepare(device)
@@ -81,11 +86,15 @@ class DenseVLMObjective:
         :class:`~densevlm.methods.teacher_targets.TeacherTargets`), and how many images needed the online teacher."""
         return self.targets.features(batch, boxes)
 
-    def loss_from_logits(self, t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The decoupled KL given teacher and student logits over the vocabulary for the same regions."""
+    def loss_from_logits(self, t_logits: torch.Tensor, s_logits: torch.Tensor,
+                         drop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The decoupled KL given teacher and student logits over the vocabulary for the same regions; rows where
+        ``drop`` is True are left out whatever their confidence."""
         probs = t_logits.softmax(-1)
         conf, label = probs.max(-1)
         keep = conf > self.threshold
+        if drop is not None:
+            keep = keep & ~drop
         is_thing = self.thing_mask[label] & keep
         is_stuff = ~self.thing_mask[label] & keep
         n_thing, n_stuff = int(is_thing.sum()), int(is_stuff.sum())
@@ -103,13 +112,18 @@ class DenseVLMObjective:
         return loss, metrics
 
     def __call__(self, step_model: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
-        images = batch["image"]
         boxes = per_image_boxes(batch["boxes"], batch["valid"])
         t_feats, n_online = self.batch_teacher_features(batch, boxes)
         t_logits = self.logits_of_teacher_features(t_feats)
-        s_feats = step_model(student_region_features, images, boxes)
+        drop, n_corrected = None, 0
+        if self.corrections is not None:
+            t_logits, drop, n_corrected = self.corrections.adjust(batch, t_logits)
+        s_feats = step_model(student_region_features, *region_args(batch, boxes))
         s_logits = F.normalize(s_feats.float(), dim=-1) @ self.student_text.t() / self.temperature
-        loss, metrics = self.loss_from_logits(t_logits, s_logits)
+        loss, metrics = self.loss_from_logits(t_logits, s_logits, drop)
+        if self.corrections is not None:
+            metrics["corrected_regions"] = float(n_corrected)
+            metrics["dropped_regions"] = float(drop.sum()) if drop is not None else 0.0
         if "teacher_features" in batch:
             metrics["teacher_online_images"] = float(n_online)
         return ObjectiveOutput(loss, metrics)

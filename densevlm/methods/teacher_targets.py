@@ -20,6 +20,8 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import nn
 
+from densevlm.methods.regions import batch_masks, pool_regions
+
 
 class TeacherTargets(Protocol):
     """The teacher's region features of a batch, and the hooks the trainer calls."""
@@ -50,17 +52,19 @@ class OnlineTeacher:
             self.teacher.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def region_features(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        """The online teacher's region features (sum K_i, D_T), not normalised."""
+    def region_features(self, images: torch.Tensor, boxes: list[torch.Tensor],
+                        masks: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The online teacher's region features (sum K_i, D_T), not normalised; pooled by mask with ``masks``
+        (:func:`~densevlm.methods.regions.batch_masks`)."""
         if self.teacher is None:
             raise RuntimeError("DenseVLM objective built without a teacher, but a batch needs it (no cached "
                                "teacher features for some of its images)")
         dtype = self.autocast
         with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return self.teacher.pool_boxes(self.teacher.encode_dense(images), boxes).float()
+            return pool_regions(self.teacher, self.teacher.encode_dense(images), boxes, masks).float()
 
     def features(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return self.region_features(batch["image"], boxes), len(batch["image"])
+        return self.region_features(batch["image"], boxes, batch_masks(batch)), len(batch["image"])
 
     def on_epoch_start(self, epoch: int) -> None:
         pass

@@ -11,14 +11,17 @@ from torch import nn
 
 from densevlm.config.align import AlignConfig
 from densevlm.data.sources import ImageSource
-from densevlm.data.teacher_cache import TeacherCache
+from densevlm.data.region_sources import region_identity
+from densevlm.data.teacher_cache import TeacherCache, image_keys
 from densevlm.engine.trainer import resolve_precision
 from densevlm.methods.densevlm import DenseVLMObjective
 from densevlm.methods.teacher_targets import (CachedTeacherTargets, FillingTeacherTargets, OnlineTeacher,
                                               TeacherTargets)
 from densevlm.models import create_backbone
 from densevlm.tasks.methods import MethodParts, grid_dataset, register_method
-from densevlm.tasks.teacher_cache import cache_exists, open_teacher_cache, teacher_text_from_cache
+from densevlm.tasks.corrections import load_corrections
+from densevlm.tasks.labels import grid_spec, images_identity
+from densevlm.tasks.teacher_cache import check_cacheable, cache_exists, open_teacher_cache, teacher_text_from_cache
 from densevlm.vocab import text_embeddings_from_config
 
 log = logging.getLogger(__name__)
@@ -59,11 +62,20 @@ def teacher_targets(cfg: AlignConfig, teacher: Optional[nn.Module], cache: Optio
     return CachedTeacherTargets(online)
 
 
+def run_corrections(cfg: AlignConfig, source: ImageSource, vocab: Any) -> tuple[Any, dict[str, Any]]:
+    """The recipe's ``teacher_targets.corrections`` for this run's images, regions and training vocabulary."""
+    identity = {"images": images_identity(cfg.data.source),
+                "regions": region_identity(cfg.data.regions, grid_spec(cfg.data, cfg.method))}
+    return load_corrections(cfg.teacher_targets.corrections, identity, vocab, image_keys(source))
+
+
 @register_method("densevlm")
 def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     """With a complete teacher cache the teacher is not built at all; images missing from it need the teacher."""
     source = ImageSource(cfg.data.source)
     cache, teacher = None, None
+    if cfg.teacher_cache is not None and not cache_exists(cfg.teacher_cache):
+        check_cacheable(cfg)  # an existing cache for another source is refused below, naming both
     if cfg.teacher_cache is not None:
         if cfg.teacher_cache_missing == "fill" and not cache_exists(cfg.teacher_cache):
             teacher = create_backbone(cfg.teacher)  # the lazy mode starts the cache: it needs the feature width
@@ -73,10 +85,17 @@ def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     voc = training_vocabulary(cfg, student, teacher, cache)
     vocab = voc["vocabulary"]
     targets = teacher_targets(cfg, teacher, cache)
-    objective = DenseVLMObjective(targets, voc["teacher_text"], voc["student_text"], vocab.thing_mask,
-                                  temperature=cfg.densevlm.temperature, threshold=cfg.densevlm.threshold)
+    corrections, added = None, {}
     info = {"vocabulary": vocab.name, "classes": len(vocab), "things": int(vocab.thing_mask.sum())}
+    if cfg.teacher_targets.corrections is not None:
+        corrections, extra = run_corrections(cfg, source, vocab)
+        added, info["corrections"] = extra["added"], extra["summary"]
+    objective = DenseVLMObjective(targets, voc["teacher_text"], voc["student_text"], vocab.thing_mask,
+                                  temperature=cfg.densevlm.temperature, threshold=cfg.densevlm.threshold,
+                                  corrections=corrections)
     if cache is not None:
         info["teacher_cache"] = f"{cfg.teacher_cache} ({len(cache.rows) - cache.missing}/{len(cache.rows)} images)"
-    dataset = grid_dataset(cfg, source, student, default_max_boxes=DEFAULT_MAX_BOXES, teacher_cache=cache)
+    dataset = grid_dataset(cfg, source, student, default_max_boxes=DEFAULT_MAX_BOXES, teacher_cache=cache,
+                           mask_patches=(teacher.patch_size,) if teacher is not None else (), added=added,
+                           added_from=str(cfg.teacher_targets.corrections))
     return MethodParts(objective, dataset, targets, info)

@@ -8,15 +8,19 @@ recipes and its tests; nothing in ``densevlm/engine/``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 from torch.utils.data import Dataset
 
 from densevlm.config.align import AlignConfig
-from densevlm.data.regions import GridRegionDataset
+from densevlm.data.region_sources import GridSpec, build_region_source
+from densevlm.data.region_sources.added import WithAddedRegions
 from densevlm.data.sources import ImageSource
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,10 +49,21 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 
 
 def grid_dataset(cfg: AlignConfig, source: ImageSource, student: nn.Module, *, default_max_boxes: int,
-                 crop_size: Optional[int] = None, teacher_cache: Any = None) -> GridRegionDataset:
-    """The recipe's grid-region training set (``data.grid_style: auto`` is the method's own grid)."""
+                 crop_size: Optional[int] = None, teacher_cache: Any = None,
+                 mask_patches: Sequence[int] = (), added: Optional[dict[int, list[dict[str, Any]]]] = None,
+                 added_from: str = "") -> Dataset:
+    """The recipe's region training set: regions from ``data.regions`` (the reference's random grid by default;
+    ``data.grid_style: auto`` is the method's own grid). ``mask_patches``: the patch sizes of the models that pool
+    a mask source's regions (the student's is always one). ``added``: regions a reviewer added (``labels apply``,
+    read from ``added_from``), appended to a file source's regions; the grid has no place for them (a warning)."""
     style = cfg.method if cfg.data.grid_style == "auto" else cfg.data.grid_style
-    return GridRegionDataset(source, cfg.data.image_size, grid_style=style, max_split=cfg.data.max_split,
-                             max_boxes=cfg.data.max_boxes or default_max_boxes, crop_size=crop_size,
-                             mean=student.image_mean, std=student.image_std, seed=cfg.loop.seed,
-                             teacher_cache=teacher_cache)
+    regions = build_region_source(cfg.data.regions, source, GridSpec(style, cfg.data.max_split))
+    if added and cfg.data.regions.kind == "grid":
+        log.warning("%s: %d added region(s) are not trained: grid cells are drawn at random, added regions need a "
+                    "boxes or masks region source (data.regions)", added_from, sum(map(len, added.values())))
+    elif added:
+        regions = WithAddedRegions(regions, added, added_from)
+    return regions.training_dataset(image_size=cfg.data.image_size, max_boxes=cfg.data.max_boxes or default_max_boxes,
+                                    crop_size=crop_size, mean=student.image_mean, std=student.image_std,
+                                    seed=cfg.loop.seed, teacher_cache=teacher_cache,
+                                    mask_patches=(student.patch_size, *mask_patches))

@@ -15,6 +15,7 @@ from torch import nn
 
 from densevlm.config.align import AlignConfig
 from densevlm.config.core import ConfigError
+from densevlm.data.region_sources import GridSpec, region_identity
 from densevlm.data.sources import ImageSource
 from densevlm.data.teacher_cache import (MANIFEST, TEXT_DIR, TeacherCache, build_teacher_cache, cache_metadata,
                                         image_keys, write_manifest)
@@ -34,9 +35,17 @@ def recipe_cache_metadata(cfg: AlignConfig, mean: Any, std: Any) -> dict[str, An
                           f"cache, this one is method {cfg.method!r}")
     name, weights = weights_identity(cfg.teacher)
     style = cfg.method if cfg.data.grid_style == "auto" else cfg.data.grid_style
+    regions = region_identity(cfg.data.regions, GridSpec(style, cfg.data.max_split))
     return cache_metadata(teacher_name=name, teacher_weights=weights, dense_last_block=cfg.teacher.dense_last_block,
                           image_size=cfg.data.image_size, grid_style=style, max_split=cfg.data.max_split,
-                          mean=mean, std=std)
+                          mean=mean, std=std, regions=regions)
+
+
+def check_cacheable(cfg: AlignConfig) -> None:
+    """A teacher cache stores the grid's cells: a recipe whose regions come from a file runs the teacher online."""
+    if cfg.data.regions.kind != "grid":
+        raise ConfigError(f"teacher_cache: the cache stores the teacher's features of grid cells; data.regions.kind "
+                          f"{cfg.data.regions.kind!r} runs the teacher online (set teacher_cache: null)")
 
 
 def cache_exists(root: str) -> bool:
@@ -102,6 +111,7 @@ def run_cache_teacher(cfg: AlignConfig, *, progress: bool = True) -> dict[str, A
 
     if not cfg.teacher_cache:
         raise ConfigError("teacher_cache: set it to the folder to write (e.g. --set teacher_cache=cache/teacher)")
+    check_cacheable(cfg)
     acc = Accelerator(cpu=cfg.loop.cpu)
     student = create_backbone(cfg.student)  # only for its input normalisation, which the teacher sees in training
     meta = recipe_cache_metadata(cfg, student.image_mean, student.image_std)
