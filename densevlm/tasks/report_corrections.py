@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 from densevlm.config.report import CorrectionsReportConfig
 from densevlm.evaluation.poc_report import ModelScores, summary_row
 from densevlm.evaluation.poc_report_page import html_table, plot_grouped_bars
+from densevlm.tasks.corrections import FORMAT as CORRECTIONS_FORMAT
 from densevlm.utils.io import read_json
 from densevlm.vocab.vocabulary import Vocabulary
 
@@ -67,4 +68,21 @@ def read_corrections_counts(path: Path, vocabulary: Vocabulary) -> dict[str, Any
     """How many regions a corrections file relabels, deletes and adds, and its class rules, by kind and by
     target class."""
     data = read_json(path, "corrections file")
-    raise NotImplementedError(data)
+    if not isinstance(data, dict) or data.get("format") != CORRECTIONS_FORMAT:
+        raise ValueError(f"corrections.file: {path} is not a corrections file of `densevlm labels apply` (format "
+                         f"{data.get('format') if isinstance(data, dict) else None!r}, expected "
+                         f"{CORRECTIONS_FORMAT!r})")
+    outside = sorted({r["class"] for r in data.get("regions", []) + data.get("added", [])
+                      if "class" in r and r["class"] not in vocabulary.names})
+    if outside:
+        raise ValueError(f"corrections.file: {path} corrects regions to {outside}, which the report set's vocabulary "
+                         f"{vocabulary.name!r} does not have")
+    by_class: dict[str, int] = {}
+    for r in data.get("regions", []):
+        if r.get("action") == "relabel":
+            by_class[r["class"]] = by_class.get(r["class"], 0) + 1
+    for a in data.get("added", []):
+        by_class[a["class"]] = by_class.get(a["class"], 0) + 1
+    rules = data.get("rules") or {}
+    totals = {**data.get("summary", {}), **{f"rules.{k}": len(v) for k, v in rules.items()}}
+    return {"totals": totals, "by_class": by_class}
