@@ -12,6 +12,7 @@ from densevlm.config.demo import DemoConfig
 from densevlm.config.detection import DetectionConfig
 from densevlm.config.evaluation import RegionEvalConfig
 from densevlm.config.pretrain import PretrainConfig
+from densevlm.config.report import ReportConfig
 from densevlm.config.semseg import SemSegEvalConfig
 from densevlm.config.talk2dino import Talk2DINOTrainConfig
 from densevlm.config.toyworld import ToyWorldConfig
@@ -29,7 +30,7 @@ for _folder, _cls, _prefix in (
     ("toyworld", ToyWorldConfig, None), ("pretrain", PretrainConfig, None), ("demo", DemoConfig, None),
     ("train", AlignConfig, None), ("eval", RegionEvalConfig, None), ("eval", SemSegEvalConfig, "semseg_"),
     ("det", DetectionConfig, None), ("talk2dino", Talk2DINOTrainConfig, None),
-    ("talk2dino", SemSegEvalConfig, "semseg_"),
+    ("talk2dino", SemSegEvalConfig, "semseg_"), ("report", ReportConfig, None),
 ):
     register_recipe_kind(_folder, _cls, _prefix)
 

@@ -1,0 +1,1 @@
+"""The interactive explorer (`densevlm app`): a gradio page over the library's segmenters and teacher labels."""
