@@ -18,6 +18,7 @@ from densevlm.methods.teacher_targets import (CachedTeacherTargets, FillingTeach
                                               TeacherTargets)
 from densevlm.models import create_backbone
 from densevlm.tasks.methods import MethodParts, grid_dataset, register_method
+from densevlm.tasks.shards import shard_dataset
 from densevlm.tasks.teacher_cache import cache_exists, open_teacher_cache, teacher_text_from_cache
 from densevlm.vocab import text_embeddings_from_config
 
@@ -62,7 +63,10 @@ def teacher_targets(cfg: AlignConfig, teacher: Optional[nn.Module], cache: Optio
 @register_method("densevlm")
 def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     """With a complete teacher cache the teacher is not built at all; images missing from it need the teacher."""
-    source = ImageSource(cfg.data.source)
+    if cfg.data.shards and cfg.teacher_cache is not None:
+        raise ValueError("data.shards and teacher_cache: streamed shards carry their own targets "
+                         "(data.shard_payload); unset one of them")
+    source = None if cfg.data.shards else ImageSource(cfg.data.source)
     cache, teacher = None, None
     if cfg.teacher_cache is not None:
         if cfg.teacher_cache_missing == "fill" and not cache_exists(cfg.teacher_cache):
@@ -78,5 +82,9 @@ def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     info = {"vocabulary": vocab.name, "classes": len(vocab), "things": int(vocab.thing_mask.sum())}
     if cache is not None:
         info["teacher_cache"] = f"{cfg.teacher_cache} ({len(cache.rows) - cache.missing}/{len(cache.rows)} images)"
-    dataset = grid_dataset(cfg, source, student, default_max_boxes=DEFAULT_MAX_BOXES, teacher_cache=cache)
+    if cfg.data.shards:
+        dataset: Any = shard_dataset(cfg, student, default_max_boxes=DEFAULT_MAX_BOXES)
+        info["shards"] = f"{cfg.data.shards} ({dataset.shards.count} images, payload {cfg.data.shard_payload})"
+    else:
+        dataset = grid_dataset(cfg, source, student, default_max_boxes=DEFAULT_MAX_BOXES, teacher_cache=cache)
     return MethodParts(objective, dataset, targets, info)
