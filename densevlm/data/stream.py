@@ -42,22 +42,24 @@ def worker_batch_counts(batches: int, workers: int) -> list[int]:
     return [(w + 1) * batches // workers - w * batches // workers for w in range(workers)]
 
 
-def batches_given(done: int, counts: list[int]) -> list[int]:
-    """How many batches each worker had given when the loader had yielded ``done``: its round robin over the
-    workers, a worker that ran out left out of the turn (as torch's DataLoader does with iterable datasets)."""
-    given = [0] * len(counts)
+def batches_given(done: int, counts: list[int]) -> tuple[list[int], int]:
+    """How many batches each worker had given when the loader had yielded ``done``, and whose turn is next: the
+    loader takes the workers round robin, a worker that ran out left out of the turn (as torch's DataLoader does
+    with iterable datasets)."""
+    given, turn = [0] * len(counts), 0
     while done > 0:
         progressed = False
         for w, c in enumerate(counts):
             if done == 0:
                 break
+            turn = (w + 1) % len(counts)
             if given[w] < c:
                 given[w] += 1
                 done -= 1
                 progressed = True
         if not progressed:
             raise ValueError(f"resume position beyond the epoch's {sum(counts)} batches")
-    return given
+    return given, turn
 
 
 def pieces(order: list[int], counts: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -129,10 +131,17 @@ class ShardStream(IterableDataset):
         start = base + sum(counts[:worker]) * self.batch_size
         return start, start + counts[worker] * self.batch_size
 
+    def logical_worker(self, loader_worker: int) -> int:
+        """The part of the epoch loader worker ``loader_worker`` reads. A resumed loader starts its round robin at
+        worker 0; the parts are rotated so that the part whose turn was next comes first, and the batches follow in
+        the uninterrupted run's order."""
+        turn = batches_given(self.done, worker_batch_counts(len(self), self.workers))[1]
+        return (loader_worker + turn) % self.workers
+
     def plan(self, worker: int) -> list[tuple[int, int, int]]:
-        """(shard, first sample, samples) this worker reads from the current position to the epoch's end."""
+        """(shard, first sample, samples) logical ``worker`` reads from the current position to the epoch's end."""
         start, stop = self.worker_span(worker)
-        skip = batches_given(self.done, worker_batch_counts(len(self), self.workers))[worker]
+        skip = batches_given(self.done, worker_batch_counts(len(self), self.workers))[0][worker]
         order = shard_order(len(self.counts), self.seed, self.epoch, self.shuffle)
         return pieces(order, self.counts, start + skip * self.batch_size, stop)
 
@@ -182,7 +191,7 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"ShardStream configured for {self.workers} loader worker(s), run with "
                                f"{info.num_workers}")
         batch: list[dict[str, Any]] = []
-        for sample in self._samples(worker):
+        for sample in self._samples(self.logical_worker(worker)):
             batch.append(self.item_fn(sample))
             if len(batch) == self.batch_size:
                 yield default_collate(batch)
