@@ -124,11 +124,11 @@ def test_cached_features_equal_the_online_teacher(world):
     without = DenseVLMObjective(None, text, text, thing, threshold=0.0)
     s_logits = torch.randn(len(online), 3, generator=torch.Generator().manual_seed(1))
     online_batch = {k: v for k, v in batch.items() if k not in ("teacher_features", "cached")}
-    t_online, n_online = with_teacher.batch_teacher_features(online_batch, boxes)
-    t_cached, n_cached = without.batch_teacher_features(batch, boxes)
-    assert n_cached == 0 and n_online == len(batch["image"])
-    l_online, _ = with_teacher.loss_from_logits(with_teacher.logits_of_teacher_features(t_online), s_logits)
-    l_cached, _ = without.loss_from_logits(without.logits_of_teacher_features(t_cached), s_logits)
+    t_online = with_teacher.batch_teacher_targets(online_batch, boxes)
+    t_cached = without.batch_teacher_targets(batch, boxes)
+    assert t_cached.online_images == 0 and t_online.online_images == len(batch["image"])
+    l_online, _ = with_teacher.loss_from_logits(t_online.logits(text, with_teacher.temperature), s_logits)
+    l_cached, _ = without.loss_from_logits(t_cached.logits(text, without.temperature), s_logits)
     assert torch.allclose(l_online, l_cached, rtol=2e-2, atol=1e-3)
 
 

@@ -52,6 +52,21 @@ class DenseVLMParams:
 
 
 @dataclass
+class TeacherTargetsConfig:
+    """What DenseVLM's ``teacher_cache`` folder holds. ``exact``: every grid cell's teacher features (any
+    vocabulary). ``compact``: every cell's top-``k`` classes of the recipe's teacher vocabulary and the tail mass
+    of the rest (densevlm.methods.compact_targets; about 45x smaller for EVA02-L at k=5), bound to that
+    vocabulary, templates, temperature and k."""
+
+    kind: Literal["exact", "compact"] = "exact"
+    k: int = 5  # compact: classes kept per cell, in [1, vocabulary size]
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"teacher_targets.k must be >= 1, got {self.k}")
+
+
+@dataclass
 class PeriodicEvalConfig:
     """Region classification during training (the six reference keys); disabled when data.panoptic_json is empty."""
 
@@ -83,6 +98,7 @@ class AlignConfig:
     # features are written to the cache, so the first epoch fills it and later epochs (and later runs) read it.
     teacher_cache: Optional[str] = None
     teacher_cache_missing: Literal["error", "online", "fill"] = "error"
+    teacher_targets: TeacherTargetsConfig = field(default_factory=TeacherTargetsConfig)
     data: RegionDataConfig = field(default_factory=RegionDataConfig)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -95,3 +111,10 @@ class AlignConfig:
             raise ValueError("method 'densevlm' needs a teacher (teacher.name and teacher.pretrained)")
         if self.teacher_cache is not None and self.method != "densevlm":
             raise ValueError(f"teacher_cache: only method 'densevlm' reads a teacher cache, not {self.method!r}")
+        if self.teacher_targets.kind == "compact" and self.teacher_cache is None:
+            raise ValueError("teacher_targets.kind=compact reads a compact target store: set teacher_cache to its "
+                             "folder (`densevlm cache-teacher` builds it)")
+        if self.teacher_targets.kind == "compact" and self.teacher_cache_missing != "error":
+            raise ValueError(f"teacher_cache_missing={self.teacher_cache_missing!r}: a compact target store "
+                             "(teacher_targets.kind=compact) must hold every image; build it with `densevlm "
+                             "cache-teacher` (only the exact cache runs the teacher for missing images)")

@@ -24,7 +24,9 @@ class GridRegionDataset(Dataset):
     is padding. With a ``teacher_cache`` (a :class:`~densevlm.data.teacher_cache.TeacherCache` opened for this
     source) items also carry ``teacher_features`` (max_boxes, D) float16, the cached teacher region features of the
     drawn cells (zero for padding), ``cached`` (whether the image was in the cache) and ``size`` (the original
-    width and height, from which an uncached image's cells are computed).
+    width and height, from which an uncached image's cells are computed); with a compact target store
+    (:class:`~densevlm.data.compact_cache.CompactTargetStore`) the drawn cells' top-k targets instead of the
+    features (its ``item_fields``).
     """
 
     def __init__(self, source: ImageSource, image_size: int, *, grid_style: str = "densevlm", max_split: int = 6,
@@ -50,7 +52,7 @@ class GridRegionDataset(Dataset):
             return self[(index + 1) % len(self)]
         item, cells = region_item(img, index, self)
         if self.teacher_cache is not None:
-            item["teacher_features"], item["cached"] = self.teacher_cache.lookup(index, cells)
+            item.update(self.teacher_cache.item_fields(index, cells))
             item["size"] = torch.tensor([img.width, img.height])  # for the teacher's cells of an uncached image
         return item
 

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +154,32 @@ def cell_features(teacher: torch.nn.Module, images: torch.Tensor, sizes: Sequenc
     return F.normalize(feats.float(), dim=-1).view(len(sizes), boxes[0].shape[0], -1)
 
 
+def shard_cell_features(teacher: torch.nn.Module, source: ImageSource, indices: list[int], meta: dict[str, Any], *,
+                        batch_size: int, num_workers: int, device: torch.device,
+                        autocast_dtype: Optional[torch.dtype] = None,
+                        convert: Callable[[torch.Tensor], torch.Tensor] = lambda f: f.cpu(),
+                        progress: Any = None) -> tuple[Optional[torch.Tensor], list[int]]:
+    """``convert`` of the (B, cells, D) unit-norm features of every cell (:func:`cell_features`) of the images
+    ``indices`` of ``source``, batch by batch, concatenated, and the indices of the images they belong to
+    (unreadable images skipped when the source skips them); (None, []) when none was read. ``meta`` gives the
+    image size, transform and grid choices (a cache's metadata); ``progress`` a tqdm bar to update."""
+    loader = DataLoader(_CanvasImages(source, indices, meta["image_size"], meta["transform"]["mean"],
+                                      meta["transform"]["std"]),
+                        batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    choices = [tuple(c) for c in meta["grid_choices"]]
+    out, rows = [], []
+    for items in loader:
+        if items:
+            images = torch.stack([it[0] for it in items]).to(device)
+            f = cell_features(teacher, images, [(it[1], it[2]) for it in items], meta["image_size"], choices,
+                              autocast_dtype)
+            out.append(convert(f))
+            rows += [it[3] for it in items]
+        if progress is not None:
+            progress.update(len(items))
+    return (torch.cat(out) if out else None), rows
+
+
 def _shard_header(path: Path) -> tuple[dict[str, Any], list[str]]:
     try:
         header = shard_metadata(path)
@@ -217,7 +243,6 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
         accelerator.wait_for_everyone()
     _check_manifest(root, meta)
 
-    choices = [tuple(c) for c in meta["grid_choices"]]
     dtype = DTYPES[meta["dtype"]]
 
     def images_of(s: int) -> list[str]:
@@ -242,23 +267,15 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
     def compute(s: int) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
         nonlocal n_images
         indices = list(range(s * shard_size, min((s + 1) * shard_size, len(keys))))
-        loader = DataLoader(_CanvasImages(source, indices, meta["image_size"], meta["transform"]["mean"],
-                                          meta["transform"]["std"]),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
-        feats, shard_keys = [], []
-        for items in loader:
-            if items:
-                images = torch.stack([it[0] for it in items]).to(device)
-                f = cell_features(teacher, images, [(it[1], it[2]) for it in items], meta["image_size"], choices,
-                                  autocast_dtype)
-                feats.append(f.to(dtype).cpu())
-                shard_keys += [keys[it[3]] for it in items]
-            bar.update(len(items))
-        if not feats:
+        feats, rows = shard_cell_features(teacher, source, indices, meta, batch_size=batch_size,
+                                          num_workers=num_workers, device=device, autocast_dtype=autocast_dtype,
+                                          convert=lambda f: f.to(dtype).cpu(), progress=bar)
+        if feats is None:
             return None
+        shard_keys = [keys[i] for i in rows]
         n_images += len(shard_keys)
         header = {"format": FORMAT, "meta": json.dumps(meta), "keys": json.dumps(shard_keys)}
-        return {FEATURES: torch.cat(feats).contiguous()}, header
+        return {FEATURES: feats.contiguous()}, header
 
     written = len(write_shards(mine, path_of=path_of, compute=compute))
     bar.close()
@@ -397,6 +414,11 @@ class TeacherCache:
             handle = safe_open(self.shards[shard], framework="pt")
             self._handles[shard] = (handle, handle.get_slice(FEATURES))  # the slice reads through the open file
         return self._handles[shard][1]
+
+    def item_fields(self, index: int, cells: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a dataset item carries from the cache: ``teacher_features`` and ``cached`` (see :meth:`lookup`)."""
+        features, cached = self.lookup(index, cells)
+        return {"teacher_features": features, "cached": cached}
 
     def lookup(self, index: int, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(cells), D) features of image ``index``'s cells (zero rows where ``cells`` is -1) and whether the

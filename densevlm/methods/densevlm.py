@@ -27,13 +27,16 @@ from torch import nn
 
 from densevlm.methods.base import ObjectiveOutput
 from densevlm.methods.regions import per_image_boxes, student_region_features
-from densevlm.methods.teacher_targets import TeacherTargets, as_teacher_targets
+from densevlm.methods.teacher_targets import (RegionFeatures, TeacherRegionTargets, TeacherTargets,
+                                              as_teacher_targets)
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student), mean over rows (``F.kl_div(..., reduction='batchmean')``)."""
-    return F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), reduction="batchmean",
-                    log_target=True)
+    """KL(teacher || student), mean over rows (``F.kl_div(..., reduction='batchmean')``); a class of zero teacher
+    probability (logit -inf, as compact targets with no tail have) contributes 0, not 0 * inf = NaN."""
+    t = F.log_softmax(teacher_logits, -1)
+    terms = t.exp() * (t - F.log_softmax(student_logits, -1))
+    return torch.where(torch.isneginf(t), 0.0, terms).sum() / max(1, t.shape[0])
 
 
 class DenseVLMObjective:
@@ -73,13 +76,13 @@ class DenseVLMObjective:
         self.thing_mask = self.thing_mask.to(device)
 
     def logits_of_teacher_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return F.normalize(feats.float(), dim=-1) @ self.teacher_text.t() / self.temperature
+        return RegionFeatures(feats, 0).logits(self.teacher_text, self.temperature)
 
     @torch.no_grad()
-    def batch_teacher_features(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Teacher region features of the batch's valid boxes, in ``per_image_boxes`` order (from the injected
-        :class:`~densevlm.methods.teacher_targets.TeacherTargets`), and how many images needed the online teacher."""
-        return self.targets.features(batch, boxes)
+    def batch_teacher_targets(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> TeacherRegionTargets:
+        """The teacher's targets of the batch's valid boxes, in ``per_image_boxes`` order (from the injected
+        :class:`~densevlm.methods.teacher_targets.TeacherTargets`): features or a class distribution."""
+        return self.targets.targets(batch, boxes)
 
     def loss_from_logits(self, t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The decoupled KL given teacher and student logits over the vocabulary for the same regions."""
@@ -105,11 +108,11 @@ class DenseVLMObjective:
     def __call__(self, step_model: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
         images = batch["image"]
         boxes = per_image_boxes(batch["boxes"], batch["valid"])
-        t_feats, n_online = self.batch_teacher_features(batch, boxes)
-        t_logits = self.logits_of_teacher_features(t_feats)
+        targets = self.batch_teacher_targets(batch, boxes)
+        t_logits = targets.logits(self.teacher_text, self.temperature)
         s_feats = step_model(student_region_features, images, boxes)
         s_logits = F.normalize(s_feats.float(), dim=-1) @ self.student_text.t() / self.temperature
         loss, metrics = self.loss_from_logits(t_logits, s_logits)
-        if "teacher_features" in batch:
-            metrics["teacher_online_images"] = float(n_online)
+        if "cached" in batch:  # the batch was read through a target store
+            metrics["teacher_online_images"] = float(targets.online_images)
         return ObjectiveOutput(loss, metrics)

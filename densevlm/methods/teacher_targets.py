@@ -1,4 +1,4 @@
-"""Where DenseVLM's teacher region features come from: one interface, three implementations.
+"""Where DenseVLM's teacher region targets come from: one interface, four implementations.
 
 - :class:`OnlineTeacher`: the frozen teacher runs on the batch's images and pools its dense map over the boxes.
 - :class:`CachedTeacherTargets`: the batch carries the cached features of its drawn cells (``teacher_features``,
@@ -8,6 +8,13 @@
   the cache (``teacher_cache_missing: fill``); :meth:`~FillingTeacherTargets.on_epoch_start`, which the trainer
   calls on every process at each epoch's start, writes them, waits for the other processes and reads all new
   shards, so from the second epoch on the teacher is not run.
+- :class:`CompactTeacherTargets`: the batch carries each drawn cell's compact target (top-k class ids and
+  probabilities and the tail mass, :mod:`densevlm.methods.compact_targets`), looked up in a compact target store.
+
+Each gives, per batch, a :class:`TeacherRegionTargets`: :class:`RegionFeatures` (the teacher's region features,
+scored against the teacher's text at the objective's temperature) or :class:`RegionDistribution` (the class
+distribution itself). Both answer :meth:`~TeacherRegionTargets.logits`, the teacher's log-probabilities over the
+vocabulary up to a per-region constant, which is all the objective reads.
 
 The objective (:class:`~densevlm.methods.densevlm.DenseVLMObjective`) gets one of these injected and does no file
 I/O itself.
@@ -15,21 +22,59 @@ I/O itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from densevlm.methods.compact_targets import (BATCH_IDS, BATCH_PROBS, BATCH_TAIL, CompactDistribution,
+                                              compact_logits)
+
+
+class TeacherRegionTargets(Protocol):
+    """The teacher's targets of a batch's valid boxes (``per_image_boxes`` order)."""
+
+    online_images: int  # how many of the batch's images needed the online teacher
+
+    def logits(self, teacher_text: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(R, V) float32 teacher log-probabilities over the vocabulary, up to a per-region additive constant
+        (``teacher_text``: (V, D_T) unit-norm class embeddings; ``temperature``: DenseVLM's T)."""
+        ...
+
+
+@dataclass
+class RegionFeatures:
+    """Exact targets: the teacher's region features (R, D_T), not necessarily normalised."""
+
+    features: torch.Tensor
+    online_images: int
+
+    def logits(self, teacher_text: torch.Tensor, temperature: float) -> torch.Tensor:
+        return F.normalize(self.features.float(), dim=-1) @ teacher_text.t() / temperature
+
+
+@dataclass
+class RegionDistribution:
+    """Compact targets: each region's teacher distribution as top-k plus a uniform tail (fixed at build time for
+    the store's vocabulary and temperature; ``teacher_text`` gives only the vocabulary size)."""
+
+    distribution: CompactDistribution
+    online_images: int
+
+    def logits(self, teacher_text: torch.Tensor, temperature: float) -> torch.Tensor:
+        return compact_logits(self.distribution, teacher_text.shape[0])
 
 
 class TeacherTargets(Protocol):
-    """The teacher's region features of a batch, and the hooks the trainer calls."""
+    """The teacher's region targets of a batch, and the hooks the trainer calls."""
 
     def prepare(self, device: torch.device) -> None:
         """Move what runs on the device there (called once, through the objective's ``prepare``)."""
 
-    def features(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """(sum K_i, D_T) float features of the batch's valid boxes (``per_image_boxes`` order), not necessarily
-        normalised, and how many of the batch's images needed the online teacher."""
+    def targets(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> TeacherRegionTargets:
+        """The targets of the batch's valid boxes (``per_image_boxes`` order)."""
         ...
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -60,7 +105,11 @@ class OnlineTeacher:
             return self.teacher.pool_boxes(self.teacher.encode_dense(images), boxes).float()
 
     def features(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(sum K_i, D_T) features of the batch's valid boxes, and how many images needed the online teacher."""
         return self.region_features(batch["image"], boxes), len(batch["image"])
+
+    def targets(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> TeacherRegionTargets:
+        return RegionFeatures(*self.features(batch, boxes))
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
@@ -83,8 +132,12 @@ class CachedTeacherTargets:
     def prepare(self, device: torch.device) -> None:
         self.online.prepare(device)
 
+    def targets(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> TeacherRegionTargets:
+        return RegionFeatures(*self.features(batch, boxes))
+
     @torch.no_grad()
     def features(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(sum K_i, D_T) features of the batch's valid boxes, and how many images needed the online teacher."""
         images = batch["image"]
         if "teacher_features" not in batch:
             return self.online.features(batch, boxes)
@@ -141,9 +194,34 @@ class FillingTeacherTargets(CachedTeacherTargets):
         self.cache.flush()  # the last fills: the next run (or epoch, on resume) reads them
 
 
+class CompactTeacherTargets:
+    """Compact targets carried by the batch (``teacher_topk_ids``, ``teacher_topk_probs``, ``teacher_tail``:
+    (B, max_boxes, k), (B, max_boxes, k), (B, max_boxes), zero for padding), looked up by the dataset in a compact
+    target store (:class:`~densevlm.data.compact_cache.CompactTargetStore`) opened for every image of the
+    dataset. The teacher is never run: a compact store fixes the vocabulary and temperature at build time."""
+
+    def prepare(self, device: torch.device) -> None:
+        pass
+
+    def targets(self, batch: dict[str, Any], boxes: list[torch.Tensor]) -> TeacherRegionTargets:
+        if BATCH_IDS not in batch:
+            raise RuntimeError(f"compact teacher targets: the batch carries no {BATCH_IDS!r}; the dataset must be "
+                               "opened with the compact target store (teacher_targets.kind: compact)")
+        valid = batch["valid"]
+        dist = CompactDistribution(batch[BATCH_IDS][valid], batch[BATCH_PROBS][valid].float(),
+                                   batch[BATCH_TAIL][valid].float())
+        return RegionDistribution(dist, 0)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def as_teacher_targets(teacher: Any, autocast: Optional[torch.dtype] = None) -> TeacherTargets:
     """``teacher`` when it is already :class:`TeacherTargets`; a module (or None) becomes the online teacher that
     also reads cached features from batches carrying them."""
-    if hasattr(teacher, "features") and hasattr(teacher, "on_epoch_start"):
+    if hasattr(teacher, "targets") and hasattr(teacher, "on_epoch_start"):
         return teacher
     return CachedTeacherTargets(OnlineTeacher(teacher, autocast))

@@ -14,8 +14,8 @@ from densevlm.data.sources import ImageSource
 from densevlm.data.teacher_cache import TeacherCache
 from densevlm.engine.trainer import resolve_precision
 from densevlm.methods.densevlm import DenseVLMObjective
-from densevlm.methods.teacher_targets import (CachedTeacherTargets, FillingTeacherTargets, OnlineTeacher,
-                                              TeacherTargets)
+from densevlm.methods.teacher_targets import (CachedTeacherTargets, CompactTeacherTargets, FillingTeacherTargets,
+                                              OnlineTeacher, TeacherTargets)
 from densevlm.models import create_backbone
 from densevlm.tasks.methods import MethodParts, grid_dataset, register_method
 from densevlm.tasks.shards import shard_dataset
@@ -51,13 +51,22 @@ def training_vocabulary(cfg: AlignConfig, student: nn.Module, teacher: Optional[
     return out
 
 
-def teacher_targets(cfg: AlignConfig, teacher: Optional[nn.Module], cache: Optional[TeacherCache]) -> TeacherTargets:
+def teacher_targets(cfg: AlignConfig, teacher: Optional[nn.Module], cache: Any) -> TeacherTargets:
+    """Per ``teacher_targets.kind`` (:data:`TARGETS`): exact targets, or the compact ones of a compact store."""
+    return TARGETS[cfg.teacher_targets.kind](cfg, teacher, cache)
+
+
+def _exact_targets(cfg: AlignConfig, teacher: Optional[nn.Module], cache: Optional[TeacherCache]) -> TeacherTargets:
     """Online without a cache; cached with one (the teacher for the images it lacks); filling it in the lazy mode."""
     precision = resolve_precision(cfg.loop.precision, cfg.loop.cpu)
     online = OnlineTeacher(teacher, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
     if cache is not None and cfg.teacher_cache_missing == "fill":
         return FillingTeacherTargets(online, cache)
     return CachedTeacherTargets(online)
+
+
+#: teacher_targets.kind -> the TeacherTargets reading its store (the teacher is never run for compact targets).
+TARGETS = {"exact": _exact_targets, "compact": lambda cfg, teacher, cache: CompactTeacherTargets()}
 
 
 @register_method("densevlm")
