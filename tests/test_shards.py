@@ -41,7 +41,7 @@ class ToyPayload:
 
 @pytest.fixture(autouse=True)
 def toy_payload(monkeypatch):
-    monkeypatch.setitem(shards_mod.PAYLOADS, "toy", lambda cfg: ToyPayload())
+    monkeypatch.setitem(shards_mod.PAYLOADS, "toy", lambda cfg, student: ToyPayload())
 
 
 def make_images(folder: Path, n: int) -> None:
@@ -186,7 +186,7 @@ def test_shards_for_another_vocabulary_are_refused_naming_it(tmp_path):
     cfg = shard_cfg(tmp_path, n=8)
     write_shards(cfg)
     ss = open_shards(str(tmp_path / "shards"))
-    with pytest.raises(ShardError, match=r"vocabulary: shards have 'v1', the run has 'lvis'"):
+    with pytest.raises(ShardError, match=r'vocabulary: shards have "v1", the run has "lvis"'):
         ss.check_payload("toy", ToyPayload("lvis").identity)
     with pytest.raises(ShardError, match=r"payload is 'toy', this run expects 'none'"):
         ss.check_payload("none", {})
@@ -231,3 +231,59 @@ def test_densevlm_trains_from_shards(tmp_path):
     assert write_shards(cfg)["count"] == 8
     result = run_align(cfg)
     assert result.global_step == 4
+
+
+@pytest.fixture(scope="module")
+def compact_world(tmp_path_factory):
+    """A tiny world, its compact target store (k=2 of 3 classes) and shards written from it with the payload."""
+    from test_teacher_cache import _world
+
+    from densevlm.tasks.teacher_cache import run_cache_teacher
+
+    tmp = tmp_path_factory.mktemp("compact_shards")
+    base = _world(tmp, n_images=6)
+    base.update(teacher_cache=str(tmp / "store"), teacher_targets={"kind": "compact", "k": 2})
+    base["data"].update(shards=str(tmp / "shards"), shard_size=4, shard_payload="compact")
+    run_cache_teacher(from_dict(AlignConfig, base), progress=False)
+    assert write_shards(from_dict(AlignConfig, base))["count"] == 6
+    return base
+
+
+def test_compact_targets_streamed_from_shards_equal_the_store(compact_world):
+    """Every streamed item (image, boxes, cells, top-k ids / probs / tail) equals the item the map-style dataset
+    gives for that image from the compact store itself."""
+    from densevlm.data.sources import ImageSource
+    from densevlm.models import create_backbone
+    from densevlm.tasks.methods import grid_dataset
+    from densevlm.tasks.shards import shard_dataset
+    from densevlm.tasks.teacher_cache import open_teacher_cache
+
+    cfg = from_dict(AlignConfig, compact_world)
+    student = create_backbone(cfg.student)
+    stream = shard_dataset(cfg, student, default_max_boxes=8)
+    stream.configure(rank=0, world_size=1, batch_size=2, num_workers=0)
+    stream.set_position(1, 0)
+    source = ImageSource(cfg.data.source)
+    mapped = grid_dataset(cfg, source, student, default_max_boxes=8,
+                          teacher_cache=open_teacher_cache(cfg, source, student))
+    mapped.set_epoch(1)
+    seen = []
+    for batch in stream:
+        for j, index in enumerate(batch["index"].tolist()):
+            ref = mapped[index]
+            for key in ("image", "boxes", "valid", "cells", "teacher_topk_ids", "teacher_topk_probs",
+                        "teacher_tail"):
+                assert torch.equal(batch[key][j], ref[key]), (index, key)
+            seen.append(index)
+    assert sorted(seen) == list(range(6))
+
+
+def test_densevlm_trains_on_compact_shards_and_refuses_another_k(compact_world):
+    from densevlm.tasks.align import run_align
+
+    result = run_align(from_dict(AlignConfig, compact_world))
+    assert result.global_step == 6 // 4
+    other = {**compact_world, "teacher_targets": {"kind": "compact", "k": 3},
+             "output_dir": compact_world["output_dir"] + "_k3"}
+    with pytest.raises(ShardError, match=r"k: shards have 2, the run has 3"):
+        run_align(from_dict(AlignConfig, other))

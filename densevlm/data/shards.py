@@ -90,12 +90,14 @@ class NoPayload:
         return {}
 
 
-#: payload name -> ``build(context) -> Payload``; the context is whatever the writing task hands over (the recipe).
-PAYLOADS: dict[str, Callable[[Any], Payload]] = {"none": lambda context: NoPayload()}
+#: payload name -> ``build(recipe, student) -> Payload``. ``student`` is None when writing (the identity is then
+#: the one of what the arrays are copied from) and the trained model when reading (the identity the run needs).
+PayloadBuilder = Callable[[Any, Any], Payload]
+PAYLOADS: dict[str, PayloadBuilder] = {"none": lambda recipe, student: NoPayload()}
 
 
-def register_payload(name: str) -> Callable[[Callable[[Any], Payload]], Callable[[Any], Payload]]:
-    def register(build: Callable[[Any], Payload]) -> Callable[[Any], Payload]:
+def register_payload(name: str) -> Callable[[PayloadBuilder], PayloadBuilder]:
+    def register(build: PayloadBuilder) -> PayloadBuilder:
         if name in PAYLOADS:
             raise ValueError(f"shard payload {name!r} is registered twice")
         PAYLOADS[name] = build
@@ -204,8 +206,8 @@ class ShardSet:
         stored = self.manifest.get("payload", {})
         if stored.get("name") != name:
             raise ShardError(f"{self.root}/{MANIFEST}: payload is {stored.get('name')!r}, this run expects {name!r}")
-        have, want = stored.get("identity", {}), identity
-        diff = [f"{k}: shards have {have.get(k)!r}, the run has {want.get(k)!r}"
+        have, want = stored.get("identity", {}), json.loads(json.dumps(identity))  # (tuples read back as lists)
+        diff = [f"{k}: shards have {json.dumps(have.get(k))[:150]}, the run has {json.dumps(want.get(k))[:150]}"
                 for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
         if diff:
             raise ShardError(f"{self.root}/{MANIFEST} was written for another {name} identity: " + "; ".join(diff))

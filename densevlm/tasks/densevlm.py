@@ -19,7 +19,8 @@ from densevlm.methods.teacher_targets import (CachedTeacherTargets, CompactTeach
 from densevlm.models import create_backbone
 from densevlm.tasks.methods import MethodParts, grid_dataset, register_method
 from densevlm.tasks.shards import shard_dataset
-from densevlm.tasks.teacher_cache import cache_exists, open_teacher_cache, teacher_text_from_cache
+from densevlm.tasks.teacher_cache import (cache_exists, open_teacher_cache, recipe_compact_metadata,
+                                          teacher_text_from_cache)
 from densevlm.vocab import text_embeddings_from_config
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,9 @@ TARGETS = {"exact": _exact_targets, "compact": lambda cfg, teacher, cache: Compa
 @register_method("densevlm")
 def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     """With a complete teacher cache the teacher is not built at all; images missing from it need the teacher."""
-    if cfg.data.shards and cfg.teacher_cache is not None:
-        raise ValueError("data.shards and teacher_cache: streamed shards carry their own targets "
-                         "(data.shard_payload); unset one of them")
-    source = None if cfg.data.shards else ImageSource(cfg.data.source)
+    if cfg.data.shards:
+        return build_from_shards(cfg, student)
+    source = ImageSource(cfg.data.source)
     cache, teacher = None, None
     if cfg.teacher_cache is not None:
         if cfg.teacher_cache_missing == "fill" and not cache_exists(cfg.teacher_cache):
@@ -91,9 +91,34 @@ def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     info = {"vocabulary": vocab.name, "classes": len(vocab), "things": int(vocab.thing_mask.sum())}
     if cache is not None:
         info["teacher_cache"] = f"{cfg.teacher_cache} ({len(cache.rows) - cache.missing}/{len(cache.rows)} images)"
-    if cfg.data.shards:
-        dataset: Any = shard_dataset(cfg, student, default_max_boxes=DEFAULT_MAX_BOXES)
-        info["shards"] = f"{cfg.data.shards} ({dataset.shards.count} images, payload {cfg.data.shard_payload})"
-    else:
-        dataset = grid_dataset(cfg, source, student, default_max_boxes=DEFAULT_MAX_BOXES, teacher_cache=cache)
+    dataset = grid_dataset(cfg, source, student, default_max_boxes=DEFAULT_MAX_BOXES, teacher_cache=cache)
+    return MethodParts(objective, dataset, targets, info)
+
+
+class _TargetsIdentity:
+    """What :func:`teacher_text_from_cache` needs of a store (its identity), for shards carrying the targets."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+
+
+def build_from_shards(cfg: AlignConfig, student: nn.Module) -> MethodParts:
+    """Training streamed from ``data.shards``: with ``teacher_targets.kind: compact`` each image's targets come in
+    its shard (``data.shard_payload: compact``; the teacher is never built, its class embeddings read from the
+    text cache of ``teacher_cache``); with exact targets the teacher runs online on the streamed images."""
+    compact = cfg.teacher_targets.kind == "compact"
+    if compact != (cfg.data.shard_payload == "compact"):
+        raise ValueError(f"data.shard_payload={cfg.data.shard_payload!r} with teacher_targets.kind="
+                         f"{cfg.teacher_targets.kind!r}: compact targets are read from shards written with "
+                         "data.shard_payload=compact, exact ones are computed online (data.shard_payload=none)")
+    dataset = shard_dataset(cfg, student, default_max_boxes=DEFAULT_MAX_BOXES)  # refuses another payload identity
+    teacher = None if compact else create_backbone(cfg.teacher)
+    identity = _TargetsIdentity(recipe_compact_metadata(cfg, student.image_mean, student.image_std)) if compact else None
+    voc = training_vocabulary(cfg, student, teacher, identity)
+    vocab = voc["vocabulary"]
+    targets = teacher_targets(cfg, teacher, None)
+    objective = DenseVLMObjective(targets, voc["teacher_text"], voc["student_text"], vocab.thing_mask,
+                                  temperature=cfg.densevlm.temperature, threshold=cfg.densevlm.threshold)
+    info = {"vocabulary": vocab.name, "classes": len(vocab), "things": int(vocab.thing_mask.sum()),
+            "shards": f"{cfg.data.shards} ({dataset.shards.count} images, payload {cfg.data.shard_payload})"}
     return MethodParts(objective, dataset, targets, info)

@@ -14,24 +14,78 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+import torch
+
 from densevlm.config.align import AlignConfig
 from densevlm.config.core import ConfigError
+from densevlm.data.compact_cache import MANIFEST as COMPACT_MANIFEST, CompactTargetStore
 from densevlm.data.regions import ShardRegionItems
 from densevlm.data.shards import (MANIFEST, PAYLOADS, Payload, ShardError, describe_source, manifest_for,
-                                  open_shards, shard_count, shard_done, write_shard)
+                                  open_shards, register_payload, shard_count, shard_done, write_shard)
 from densevlm.data.sources import ImageSource
 from densevlm.data.stream import ShardStream
-from densevlm.utils.io import atomic_write_json
+from densevlm.data.teacher_cache import image_keys
+from densevlm.methods.compact_targets import BATCH_IDS, BATCH_PROBS, BATCH_TAIL
+from densevlm.tasks.teacher_cache import recipe_compact_metadata
+from densevlm.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
 _STATE: dict[str, Any] = {}  # a writer process's source and payload, built once per process
 
 
-def build_payload(cfg: AlignConfig) -> Payload:
+def build_payload(cfg: AlignConfig, student: Any = None) -> Payload:
+    """The recipe's shard payload: for writing (``student`` None) or for training ``student``."""
     if cfg.data.shard_payload not in PAYLOADS:
         raise ConfigError(f"data.shard_payload: expected one of {sorted(PAYLOADS)}, got {cfg.data.shard_payload!r}")
-    return PAYLOADS[cfg.data.shard_payload](cfg)
+    return PAYLOADS[cfg.data.shard_payload](cfg, student)
+
+
+@register_payload("compact")
+class CompactPayload:
+    """Each image's compact teacher targets (every grid cell's top-k ids and probabilities and its tail mass),
+    copied from the recipe's compact target store (``teacher_targets.kind: compact``, ``teacher_cache``: built by
+    ``densevlm cache-teacher``); a streamed item carries its drawn cells' rows under the keys
+    :class:`~densevlm.methods.teacher_targets.CompactTeacherTargets` reads."""
+
+    name = "compact"
+
+    def __init__(self, cfg: AlignConfig, student: Any = None) -> None:
+        if cfg.teacher_targets.kind != "compact" or not cfg.teacher_cache:
+            raise ConfigError("data.shard_payload=compact needs teacher_targets.kind=compact and teacher_cache set "
+                              "to the compact target store (`densevlm cache-teacher` builds it)")
+        self.cfg, self._store = cfg, None
+        if student is None:  # writing: what the store was built for (checked against the recipe when opened)
+            manifest = read_json(Path(cfg.teacher_cache) / COMPACT_MANIFEST, "compact target store manifest")
+            self.identity: dict[str, Any] = manifest["meta"]
+        else:
+            self.identity = recipe_compact_metadata(cfg, student.image_mean, student.image_std)
+
+    def _open(self) -> CompactTargetStore:
+        if self._store is None:
+            source = ImageSource(self.cfg.data.source)
+            self._store = CompactTargetStore(self.cfg.teacher_cache, self.identity, image_keys(source))
+        return self._store
+
+    def arrays(self, images: list[Any], indices: list[int]) -> list[dict[str, np.ndarray]]:
+        store = self._open()
+        every_cell = torch.arange(store.cells)
+        out = []
+        for i in indices:
+            ids, probs, tail = store.lookup(i, every_cell)
+            out.append({"ids": ids.numpy(), "probs": probs.numpy(), "tail": tail.numpy()})
+        return out
+
+    def item_fields(self, arrays: dict[str, np.ndarray], cells: torch.Tensor) -> dict[str, torch.Tensor]:
+        valid = cells >= 0
+        rows = cells.clamp(min=0).long()
+        fields = {}
+        for key, name in ((BATCH_IDS, "ids"), (BATCH_PROBS, "probs"), (BATCH_TAIL, "tail")):
+            value = torch.from_numpy(arrays[name])[rows]
+            value[~valid] = 0  # padding, as the store's lookup gives it
+            fields[key] = value
+        return {**fields, "cached": torch.tensor(True)}
 
 
 def _init(cfg: AlignConfig) -> None:
@@ -108,7 +162,7 @@ def shard_dataset(cfg: AlignConfig, student: Any, *, default_max_boxes: int,
     """The recipe's grid-region training items streamed from ``cfg.data.shards`` (the payload checked to be the
     recipe's own: shards written for another vocabulary, teacher or k are refused)."""
     shards = open_shards(cfg.data.shards)
-    payload = build_payload(cfg)
+    payload = build_payload(cfg, student)
     shards.check_payload(payload.name, payload.identity)
     style = cfg.method if cfg.data.grid_style == "auto" else cfg.data.grid_style
     items = ShardRegionItems(cfg.data.image_size, grid_style=style, max_split=cfg.data.max_split,
