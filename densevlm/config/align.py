@@ -25,12 +25,21 @@ class RegionDataConfig:
     max_split: int = 6
     grid_style: Literal["auto", "densevlm", "clipself"] = "auto"  # auto = the method's own grid choices
     crop_size: int = 0  # CLIPSelf crops; 0 = the teacher's native input size
+    # Shards (`densevlm shards write` makes them from `source`): a folder or fsspec URL with a manifest.json. Set,
+    # training streams them (each rank and loader worker its own shards, exactly once per epoch) instead of
+    # reading `source`.
+    shards: str = ""
+    shard_size: int = 1000  # images per shard when writing
+    shard_payload: str = "none"  # what each shard stores beside its images (densevlm.data.shards.PAYLOADS)
+    skip_bad_shards: bool = False  # a damaged shard: logged and its samples replaced, instead of an error
 
     def validate(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32, got {self.image_size}")
         if self.max_boxes < 0 or self.max_split < 1 or self.crop_size < 0:
             raise ValueError("max_boxes and crop_size must be >= 0, max_split >= 1")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
 
 
 @dataclass

@@ -56,6 +56,10 @@ class LoopConfig:
     handle_signals: bool = True
     find_unused_parameters: bool = False
     cpu: bool = False  # force CPU even when an accelerator is present
+    # The number of processes over all nodes that this recipe is launched on (null: any). A node started with
+    # another --num_machines / --num_processes is refused before its first step instead of splitting the data
+    # wrongly (multi-node recipes set it).
+    world_size: Optional[int] = None
     # torch.compile each vision transformer block of the trained model (regional: one compilation serves every
     # block of a class; the weights, checkpoints and exports are unchanged). Measured on the paper's cached step,
     # 2 CPU threads: 5 % faster and 14 % less peak memory for a 20-40 s compilation (tools/bench_train.py --compile).
@@ -67,6 +71,8 @@ class LoopConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
             raise ValueError(f"checkpoint_every_steps must be >= 1 or null, got {self.checkpoint_every_steps}")
+        if self.world_size is not None and self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1 or null, got {self.world_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.num_workers < 0 or self.eval_every < 0:

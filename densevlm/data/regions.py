@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from densevlm.data.captions import item_rng
@@ -50,20 +51,55 @@ class GridRegionDataset(Dataset):
         img = self.source.load_or_skip(index, "the next image used instead")
         if img is None:
             return self[(index + 1) % len(self)]
-        rng = item_rng(self.seed, self.epoch, index)
-        canvas, scale = resize_longest_pad(img, self.image_size)
-        boxes, valid, pixel, cells = grid_boxes_with_cells(img.width, img.height, scale, self.image_size, rng,
-                                                           self.choices, self.max_boxes)
-        item = {"image": to_tensor(canvas, self.mean, self.std), "boxes": boxes, "valid": valid, "cells": cells,
-                "index": index}
+        item, cells = region_item(img, index, self)
         if self.teacher_cache is not None:
             item.update(self.teacher_cache.item_fields(index, cells))
             item["size"] = torch.tensor([img.width, img.height])  # for the teacher's cells of an uncached image
-        if self.crop_size:
-            crops = torch.zeros(self.max_boxes, 3, self.crop_size, self.crop_size)
-            for k in range(int(valid.sum())):
-                x0, y0, x1, y1 = (round(v) for v in pixel[k].tolist())
-                crop = resize_longest_center_pad(img.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), self.crop_size)
-                crops[k] = to_tensor(crop, self.mean, self.std)
-            item["crops"] = crops
+        return item
+
+
+def region_item(img: Image.Image, index: int, spec: Any) -> tuple[dict[str, Any], torch.Tensor]:
+    """(item, cells) of image ``index``: ``image``, ``boxes``, ``valid``, ``cells``, ``index`` and (``crop_size``)
+    ``crops``, drawn as ``spec`` (a :class:`GridRegionDataset` or :class:`ShardRegionItems`) says, with the
+    randomness of (``spec.seed``, ``spec.epoch``, ``index``)."""
+    rng = item_rng(spec.seed, spec.epoch, index)
+    canvas, scale = resize_longest_pad(img, spec.image_size)
+    boxes, valid, pixel, cells = grid_boxes_with_cells(img.width, img.height, scale, spec.image_size, rng,
+                                                       spec.choices, spec.max_boxes)
+    item = {"image": to_tensor(canvas, spec.mean, spec.std), "boxes": boxes, "valid": valid, "cells": cells,
+            "index": index}
+    if spec.crop_size:
+        crops = torch.zeros(spec.max_boxes, 3, spec.crop_size, spec.crop_size)
+        for k in range(int(valid.sum())):
+            x0, y0, x1, y1 = (round(v) for v in pixel[k].tolist())
+            crop = resize_longest_center_pad(img.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), spec.crop_size)
+            crops[k] = to_tensor(crop, spec.mean, spec.std)
+        item["crops"] = crops
+    return item, cells
+
+
+PayloadItems = Callable[[dict[str, Any], torch.Tensor], dict[str, Any]]
+
+
+class ShardRegionItems:
+    """A streamed shard sample -> the same training item as :class:`GridRegionDataset` gives for that image, plus
+    what ``payload_items(payload, cells)`` makes of the sample's stored arrays for the drawn cells (e.g. their
+    compact teacher targets); ``None``: the payload is not used."""
+
+    def __init__(self, image_size: int, *, grid_style: str = "densevlm", max_split: int = 6, max_boxes: int = 36,
+                 crop_size: Optional[int] = None, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD, seed: int = 0,
+                 payload_items: Optional[PayloadItems] = None) -> None:
+        self.image_size, self.max_boxes, self.crop_size = image_size, max_boxes, crop_size
+        self.choices = grid_choices(max_split, grid_style)
+        self.mean, self.std, self.seed, self.epoch = mean, std, seed, 0
+        self.payload_items = payload_items
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        item, cells = region_item(sample["image"], sample["index"], self)
+        if self.payload_items is not None:
+            item.update(self.payload_items(sample["payload"], cells))
         return item

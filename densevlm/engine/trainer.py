@@ -15,11 +15,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -45,6 +45,36 @@ class Callback(Protocol):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Before the epoch's first batch is read (after the sampler and the dataset have the epoch)."""
+
+
+@runtime_checkable
+class StreamingDataset(Protocol):
+    """A dataset that splits itself over processes and loader workers and can start inside an epoch (shards).
+
+    The trainer hands it the topology once (``configure`` returns this process's batches per epoch, equal on every
+    rank) and before every epoch where to start (``set_position``: the epoch and the batches this rank already
+    did, 0 unless resumed). It yields collated batches; the trainer neither samples nor skips for it.
+    """
+
+    def configure(self, *, rank: int, world_size: int, batch_size: int, num_workers: int) -> int:
+        ...
+
+    def set_position(self, epoch: int, batches_done: int) -> None:
+        ...
+
+
+class _DeviceLoader:
+    """A streaming dataset's loader, its batches moved to the device (what accelerate's prepared loader does)."""
+
+    def __init__(self, loader: DataLoader, batches: int, device: torch.device) -> None:
+        self.loader, self.batches, self.device = loader, batches, device
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield send_to_device(batch, self.device)
 
 
 class NonFiniteError(RuntimeError):
@@ -265,9 +295,10 @@ class Trainer:
             names.append(f"{i} ({name})" if name else str(i))
         return ", ".join(names)
 
-    def _start_epoch(self, epoch: int, sampler: EpochSampler, loader: Any) -> None:
+    def _start_epoch(self, epoch: int, sampler: Optional[EpochSampler], loader: Any) -> None:
         """Give the sampler, the loader and the dataset the epoch, then call the callbacks' ``on_epoch_start``."""
-        sampler.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         if hasattr(loader, "set_epoch"):  # accelerate's loader keeps its own epoch counter; keep it in step
             loader.set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
@@ -329,13 +360,26 @@ class Trainer:
         initial = ({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                    if self.ensemble_alpha is not None else None)
 
-        sampler = EpochSampler(len(self.dataset), loop.seed)
-        loader = DataLoader(
-            self.dataset, batch_size=loop.batch_size, sampler=sampler, drop_last=True,
-            num_workers=loop.num_workers, collate_fn=self.collate_fn,
-            worker_init_fn=ignore_in_workers if loop.handle_signals and loop.num_workers > 0 else None,
-            # Not persistent: workers re-fork each epoch and so see the dataset's current epoch (its augmentation seed).
-        )
+        if loop.world_size is not None and acc.num_processes != loop.world_size:
+            raise ValueError(f"loop.world_size: the recipe expects {loop.world_size} processes, this one (rank "
+                             f"{acc.process_index}) is in a world of {acc.num_processes}: check --num_machines and "
+                             "--num_processes of every node's launch")
+        worker_init = ignore_in_workers if loop.handle_signals and loop.num_workers > 0 else None
+        streaming = isinstance(self.dataset, StreamingDataset)
+        sampler: Optional[EpochSampler] = None
+        if streaming:  # it reads its own part of each epoch: not sampled, not split or moved by accelerate
+            batches = self.dataset.configure(rank=acc.process_index, world_size=acc.num_processes,
+                                             batch_size=loop.batch_size, num_workers=loop.num_workers)
+            loader: Any = _DeviceLoader(DataLoader(self.dataset, batch_size=None, num_workers=loop.num_workers,
+                                                   worker_init_fn=worker_init), batches, acc.device)
+        else:
+            sampler = EpochSampler(len(self.dataset), loop.seed)
+            loader = DataLoader(
+                self.dataset, batch_size=loop.batch_size, sampler=sampler, drop_last=True,
+                num_workers=loop.num_workers, collate_fn=self.collate_fn, worker_init_fn=worker_init,
+                # Not persistent: workers re-fork each epoch and so see the dataset's current epoch (its
+                # augmentation seed).
+            )
         if len(loader) == 0:
             raise ValueError(
                 f"the training set has {len(self.dataset)} items, fewer than one batch of {loop.batch_size}"
@@ -344,7 +388,10 @@ class Trainer:
         if loop.compile:
             acc.print(f"torch.compile: {compile_blocks(self.model)} blocks (compiled at the first step)")
         step_module = StepModule(self.model)
-        step_module, optimizer, loader = acc.prepare(step_module, optimizer, loader)
+        if streaming:
+            step_module, optimizer = acc.prepare(step_module, optimizer)
+        else:
+            step_module, optimizer, loader = acc.prepare(step_module, optimizer, loader)
         self.objective.prepare(acc.device)
 
         steps_per_epoch = max(1, len(loader) // loop.grad_accum_steps)
@@ -400,7 +447,9 @@ class Trainer:
                 step_module.train()
                 # Mid-epoch resume: the same order (fixed by seed and epoch), its first batches skipped unread.
                 batches_done, epoch_loader = skip_batches, loader
-                if skip_batches:
+                if streaming:  # it starts at the right shard and sample itself
+                    self.dataset.set_position(epoch, skip_batches)
+                elif skip_batches:
                     epoch_loader = acc.skip_first_batches(loader, skip_batches)
                 running: dict[str, float] = dict(partial.get("running", {}))
                 n_running = partial.get("n_running", 0)

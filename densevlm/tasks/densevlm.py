@@ -21,7 +21,9 @@ from densevlm.models import create_backbone
 from densevlm.tasks.methods import MethodParts, grid_dataset, register_method
 from densevlm.tasks.corrections import load_corrections
 from densevlm.tasks.labels import grid_spec, images_identity
-from densevlm.tasks.teacher_cache import check_cacheable, cache_exists, open_teacher_cache, teacher_text_from_cache
+from densevlm.tasks.shards import shard_dataset
+from densevlm.tasks.teacher_cache import (check_cacheable, cache_exists, open_teacher_cache, recipe_compact_metadata,
+                                          teacher_text_from_cache)
 from densevlm.vocab import text_embeddings_from_config
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ TARGETS = {"exact": _exact_targets, "compact": lambda cfg, teacher, cache: Compa
 @register_method("densevlm")
 def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     """With a complete teacher cache the teacher is not built at all; images missing from it need the teacher."""
+    if cfg.data.shards:
+        return build_from_shards(cfg, student)
     source = ImageSource(cfg.data.source)
     cache, teacher = None, None
     if cfg.teacher_cache is not None and not cache_exists(cfg.teacher_cache):
@@ -107,4 +111,38 @@ def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     dataset = grid_dataset(cfg, source, student, default_max_boxes=DEFAULT_MAX_BOXES, teacher_cache=cache,
                            mask_patches=(teacher.patch_size,) if teacher is not None else (), added=added,
                            added_from=str(cfg.teacher_targets.corrections))
+    return MethodParts(objective, dataset, targets, info)
+
+
+class _TargetsIdentity:
+    """What :func:`teacher_text_from_cache` needs of a store (its identity), for shards carrying the targets."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+
+
+def build_from_shards(cfg: AlignConfig, student: nn.Module) -> MethodParts:
+    """Training streamed from ``data.shards``: with ``teacher_targets.kind: compact`` each image's targets come in
+    its shard (``data.shard_payload: compact``; the teacher is never built, its class embeddings read from the
+    text cache of ``teacher_cache``); with exact targets the teacher runs online on the streamed images."""
+    if cfg.teacher_targets.corrections is not None or cfg.data.regions.kind != "grid":
+        raise ValueError(f"data.shards={cfg.data.shards!r}: streamed shards train on grid regions with the "
+                         f"teacher's own targets; teacher_targets.corrections="
+                         f"{cfg.teacher_targets.corrections!r} and data.regions.kind={cfg.data.regions.kind!r} "
+                         "need an indexed data.source (set data.shards: null)")
+    compact = cfg.teacher_targets.kind == "compact"
+    if compact != (cfg.data.shard_payload == "compact"):
+        raise ValueError(f"data.shard_payload={cfg.data.shard_payload!r} with teacher_targets.kind="
+                         f"{cfg.teacher_targets.kind!r}: compact targets are read from shards written with "
+                         "data.shard_payload=compact, exact ones are computed online (data.shard_payload=none)")
+    dataset = shard_dataset(cfg, student, default_max_boxes=DEFAULT_MAX_BOXES)  # refuses another payload identity
+    teacher = None if compact else create_backbone(cfg.teacher)
+    identity = _TargetsIdentity(recipe_compact_metadata(cfg, student.image_mean, student.image_std)) if compact else None
+    voc = training_vocabulary(cfg, student, teacher, identity)
+    vocab = voc["vocabulary"]
+    targets = teacher_targets(cfg, teacher, None)
+    objective = DenseVLMObjective(targets, voc["teacher_text"], voc["student_text"], vocab.thing_mask,
+                                  temperature=cfg.densevlm.temperature, threshold=cfg.densevlm.threshold)
+    info = {"vocabulary": vocab.name, "classes": len(vocab), "things": int(vocab.thing_mask.sum()),
+            "shards": f"{cfg.data.shards} ({dataset.shards.count} images, payload {cfg.data.shard_payload})"}
     return MethodParts(objective, dataset, targets, info)
