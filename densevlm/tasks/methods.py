@@ -45,9 +45,11 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 
 
 def grid_dataset(cfg: AlignConfig, source: ImageSource, student: nn.Module, *, default_max_boxes: int,
-                 crop_size: Optional[int] = None, teacher_cache: Any = None) -> GridRegionDataset:
-    """The recipe's grid-region training set (``data.grid_style: auto`` is the method's own grid)."""
-    style = cfg.method if cfg.data.grid_style == "auto" else cfg.data.grid_style
+                 crop_size: Optional[int] = None, teacher_cache: Any = None,
+                 method_grid: Optional[str] = None) -> GridRegionDataset:
+    """The recipe's grid-region training set (``data.grid_style: auto`` is the method's own grid: ``method_grid``,
+    default the method's name)."""
+    style = (method_grid or cfg.method) if cfg.data.grid_style == "auto" else cfg.data.grid_style
     return GridRegionDataset(source, cfg.data.image_size, grid_style=style, max_split=cfg.data.max_split,
                              max_boxes=cfg.data.max_boxes or default_max_boxes, crop_size=crop_size,
                              mean=student.image_mean, std=student.image_std, seed=cfg.loop.seed,
