@@ -82,6 +82,14 @@ def context_loss(student: torch.Tensor, vfm: torch.Tensor) -> torch.Tensor:
     return (vfm - student).norm(p=2, dim=-1).mean()
 
 
+def content_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - mean cosine of (K, C) student RoI features and (K, C) teacher crop embeddings (0 with no box)."""
+    student, target = F.normalize(student.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    if not len(student):
+        return student.sum() * 0.0
+    return 1.0 - (student * target).sum(-1).mean()
+
+
 def declip_student_features(model: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor],
                             mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
     """(RoI features (sum K_i, C), q, k, v, grid) of the decoupled forward. Run via ``step_model(fn, ...)``."""
@@ -164,15 +172,12 @@ class DeCLIPObjective:
         boxes = per_image_boxes(batch["boxes"], valid)
         rois, q, k, v, grid = step_model(declip_student_features, images, boxes, self.mode)
         with torch.no_grad():
-            target = F.normalize(self.teacher.encode_image(batch["crops"][valid]).float(), dim=-1)
+            target = self.teacher.encode_image(batch["crops"][valid])
             vfm_sim, vfm_grid = self.vfm_similarity(images, grid)
-        student_sim = student_context_similarity(q, k, v, self.mode, grid, vfm_grid)
-        loss_context = context_loss(student_sim, vfm_sim)
-        student = F.normalize(rois.float(), dim=-1)
-        cos = (student * target).sum(-1)
-        loss_content = (1.0 - cos).mean() if len(cos) else student.sum() * 0.0
+        loss_context = context_loss(student_context_similarity(q, k, v, self.mode, grid, vfm_grid), vfm_sim)
+        loss_content = content_loss(rois, target)
         loss = self.content_weight * loss_content + self.context_weight * loss_context
         return ObjectiveOutput(loss, {
-            "cosine": float(cos.detach().mean()) if len(cos) else 0.0,
+            "cosine": 1.0 - float(loss_content.detach()) if len(rois) else 0.0,
             "loss_content": float(loss_content.detach()), "loss_context": float(loss_context.detach()),
         })
