@@ -48,7 +48,7 @@ def _resize_tokens(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int,
 
 def cosine_self_similarity(tokens: torch.Tensor) -> torch.Tensor:
     """(..., N, C) -> (..., N, N) cosine similarity of every token with every other."""
-    unit = F.normalize(tokens.float(), dim=-1)
+    unit = F.normalize(tokens.to(torch.promote_types(tokens.dtype, torch.float32)), dim=-1)
     return unit @ unit.transpose(-2, -1)
 
 
@@ -84,7 +84,8 @@ def context_loss(student: torch.Tensor, vfm: torch.Tensor) -> torch.Tensor:
 
 def content_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - mean cosine of (K, C) student RoI features and (K, C) teacher crop embeddings (0 with no box)."""
-    student, target = F.normalize(student.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    student, target = F.normalize(student.to(dtype), dim=-1), F.normalize(target.to(dtype), dim=-1)
     if not len(student):
         return student.sum() * 0.0
     return 1.0 - (student * target).sum(-1).mean()

@@ -170,6 +170,8 @@ def _resolve_run_dir(run_dir: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
                 "give the model name in the spec"
             )
         arch = {k: section[k] for k in ("name", "force_quick_gelu", "model_overrides") if k in section}
+        if section.get("dense_last_block") in DECOUPLED_MODES:  # a DeCLIP run: its weights go with its dense path
+            arch["dense_last_block"] = section["dense_last_block"]
         try:
             spec = from_dict(ModelSpec, {**to_dict(spec), **arch})
         except ConfigError as err:
