@@ -8,8 +8,8 @@ import sys
 from types import ModuleType
 from typing import Optional, Sequence
 
-from densevlm.cli import (app, cache_teacher, demo, det, embed_text, evaluate, export, labels, pretrain, report,
-                          shards, talk2dino, toyworld, train, zoo)
+from densevlm.cli import (app, cache_teacher, compare, demo, det, embed_text, evaluate, export, labels, pretrain,
+                          report, shards, talk2dino, toyworld, train, zoo)
 from densevlm.cli.common import EXIT_CODES, USAGE
 from densevlm.config import ConfigError
 from densevlm.engine.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
@@ -17,7 +17,7 @@ from densevlm.engine.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 #: Every command, in the order `densevlm --help` lists them. A command is a module with ``NAME``, ``HELP``,
 #: ``add_parser(subparsers)`` (which sets ``fn`` on its parser, or on its tasks' parsers) and the runs it names.
 COMMANDS: tuple[ModuleType, ...] = (toyworld, pretrain, train, evaluate, cache_teacher, shards, embed_text, zoo,
-                                    demo, talk2dino, export, det, labels, report, app)
+                                    demo, talk2dino, export, det, compare, labels, report, app)
 
 
 def build_parser() -> argparse.ArgumentParser:

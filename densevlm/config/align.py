@@ -1,4 +1,4 @@
-"""Config of region-language alignment training (``densevlm train``): DenseVLM or CLIPSelf."""
+"""Config of region-language alignment training (``densevlm train``): DenseVLM, CLIPSelf or DeCLIP."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from densevlm.config.evaluation import PanopticDataConfig, RegionTextConfig
 from densevlm.config.model import ModelSpec
 from densevlm.config.regions import RegionSourceConfig, TeacherTargetsConfig
 from densevlm.config.sources import ImageSourceConfig
+from densevlm.config.talk2dino import Talk2DINOVisionConfig
 from densevlm.config.train import LoopConfig, OptimConfig
 from densevlm.config.vocab import TextEmbeddingConfig
 
@@ -54,6 +55,36 @@ class DenseVLMParams:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
 
 
+DECLIP_MODES = ("qq", "kk", "vv", "csa", "all")
+
+
+@dataclass
+class DeCLIPParams:
+    """DeCLIP (methods/declip.py): the decoupled last block's mode, the two loss weights and the frozen VFM.
+
+    ``mode`` must equal ``student.dense_last_block`` (the tuned model's dense path is the decoupled block). The
+    released scripts train ``qq`` with ``content_weight`` 1.0 and ``context_weight`` 0.1. ``vfm`` is built like
+    Talk2DINO's backbone: ``family: dinov2`` (timm DINOv2 with registers; ``pretrained``: a local file, "timm", or
+    "random" for a random init in tests) or ``family: clip`` (a model of our factory, e.g. the zoo's
+    ``toy-teacher`` as the toy world's stand-in VFM). ``vfm_image_size``: 0 = the student's grid times the VFM's
+    patch (the released proxy image, grids equal), else a fixed square input for the VFM.
+    """
+
+    mode: Literal["qq", "kk", "vv", "csa", "all"] = "qq"
+    content_weight: float = 1.0
+    context_weight: float = 0.1
+    vfm: Talk2DINOVisionConfig = field(default_factory=lambda: Talk2DINOVisionConfig(
+        family="dinov2", name="vit_base_patch14_reg4_dinov2", pretrained=None))
+    vfm_image_size: int = 0
+
+    def validate(self) -> None:
+        if self.content_weight < 0 or self.context_weight < 0:
+            raise ValueError(f"content_weight and context_weight must be >= 0, got {self.content_weight}, "
+                             f"{self.context_weight}")
+        if self.vfm_image_size < 0:
+            raise ValueError(f"vfm_image_size must be >= 0 (0 = the student's grid), got {self.vfm_image_size}")
+
+
 @dataclass
 class TeacherTargetsConfig:
     """What DenseVLM's ``teacher_cache`` folder holds. ``exact``: every grid cell's teacher features (any
@@ -84,14 +115,15 @@ class AlignConfig:
     """One region-alignment run. ``method`` picks the objective; everything else is shared."""
 
     output_dir: str = "runs/align"
-    method: Literal["densevlm", "clipself"] = "densevlm"
+    method: Literal["densevlm", "clipself", "declip"] = "densevlm"
     student: ModelSpec = field(default_factory=lambda: ModelSpec(name="EVA02-B-16"))
-    # DenseVLM: the frozen P-VLM. CLIPSelf: null for a frozen copy of the initial student.
+    # DenseVLM: the frozen P-VLM. CLIPSelf, DeCLIP: null for a frozen copy of the initial student.
     teacher: Optional[ModelSpec] = field(default_factory=lambda: ModelSpec(name="EVA02-L-14-336"))
     student_text: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
     teacher_text: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
     exclude_novel: bool = False  # train on the vocabulary's seen classes only (open-vocabulary protocol)
     densevlm: DenseVLMParams = field(default_factory=DenseVLMParams)
+    declip: DeCLIPParams = field(default_factory=DeCLIPParams)
     unlocked_blocks: int = -1  # trailing vision blocks trained; -1 = all
     ensemble_alpha: Optional[float] = 0.9  # saved weights = alpha * student + (1 - alpha) * initial
     # DenseVLM: a teacher-target cache folder (`densevlm cache-teacher` writes it). Training then reads the teacher's
@@ -112,6 +144,10 @@ class AlignConfig:
             raise ValueError(f"ensemble_alpha must be in [0, 1] or null, got {self.ensemble_alpha}")
         if self.method == "densevlm" and self.teacher is None:
             raise ValueError("method 'densevlm' needs a teacher (teacher.name and teacher.pretrained)")
+        if self.method == "declip" and self.student.dense_last_block != self.declip.mode:
+            raise ValueError(f"student.dense_last_block: method 'declip' tunes the decoupled last block, so it must "
+                             f"be declip.mode {self.declip.mode!r} (the tuned model's dense path), got "
+                             f"{self.student.dense_last_block!r}")
         if self.teacher_cache is not None and self.method != "densevlm":
             raise ValueError(f"teacher_cache: only method 'densevlm' reads a teacher cache, not {self.method!r}")
         if self.teacher_targets.corrections is not None and self.method != "densevlm":

@@ -25,7 +25,8 @@ class ModelSpec:
             (``.safetensors``, ``.pt``, ``.pth``, ``.bin``: open_clip, OpenAI or CLIPSelf/DenseVLM reference
             layout); or a run directory holding ``weights.safetensors`` and ``config.yaml``.
         dense_last_block: "value" runs the last block without q·k attention in ``encode_dense`` (the
-            reference dense path), "standard" runs it normally.
+            reference dense path), "standard" runs it normally; "qq", "kk", "vv", "csa", "all" run DeCLIP's
+            decoupled last block in that mode (the dense path of a DeCLIP-tuned model).
         precision: open_clip precision for the weights.
         force_quick_gelu: build the towers with QuickGELU (OpenAI-trained weights need it).
         cache_dir: download cache for pretrained tags.
@@ -36,7 +37,7 @@ class ModelSpec:
 
     name: str = ""
     pretrained: Optional[str] = None
-    dense_last_block: Literal["value", "standard"] = "value"
+    dense_last_block: Literal["value", "standard", "qq", "kk", "vv", "csa", "all"] = "value"
     precision: Precision = "fp32"
     force_quick_gelu: bool = False
     cache_dir: Optional[str] = None

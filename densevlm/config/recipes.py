@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from densevlm.config.align import AlignConfig
+from densevlm.config.compare import CompareConfig
 from densevlm.config.core import ConfigError
 from densevlm.config.demo import DemoConfig
 from densevlm.config.detection import DetectionConfig
@@ -30,7 +31,7 @@ for _folder, _cls, _prefix in (
     ("toyworld", ToyWorldConfig, None), ("pretrain", PretrainConfig, None), ("demo", DemoConfig, None),
     ("train", AlignConfig, None), ("eval", RegionEvalConfig, None), ("eval", SemSegEvalConfig, "semseg_"),
     ("det", DetectionConfig, None), ("talk2dino", Talk2DINOTrainConfig, None),
-    ("talk2dino", SemSegEvalConfig, "semseg_"), ("report", ReportConfig, None),
+    ("talk2dino", SemSegEvalConfig, "semseg_"), ("report", ReportConfig, None), ("compare", CompareConfig, None),
 ):
     register_recipe_kind(_folder, _cls, _prefix)
 

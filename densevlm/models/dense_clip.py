@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from abc import ABCMeta, abstractmethod
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -23,11 +24,31 @@ from torch import nn
 
 from densevlm.models.checkpoints import save_weights
 from densevlm.utils.hashing import sha256_state_dict
+from densevlm.models.decoupled import DECOUPLED_MODES
 from densevlm.models.pooling import BoxesArg, MasksArg, pool_boxes, pool_masks
 from densevlm.models.positional import resize_abs_pos_embed
 
-LastBlock = Literal["value", "standard"]
+#: "value" (the reference dense path), "standard" (the block as it is) or one of DeCLIP's decoupled modes.
+LastBlock = Literal["value", "standard", "qq", "kk", "vv", "csa", "all"]
+LAST_BLOCKS: tuple[str, ...] = ("value", "standard", *DECOUPLED_MODES)
 _CACHE_SIZE = 8  # grid sizes kept per table kind; training uses one size, evaluation a few
+
+
+@dataclass
+class DecoupledDense:
+    """What :meth:`DenseCLIP.encode_dense_decoupled` returns.
+
+    Attributes:
+        dense: (B, embed_dim, h, w) per-token L2-normalised map of the decoupled block (DeCLIP's content).
+        q, k, v: (B, heads, h * w, head_dim) the last block's patch-token projections (DeCLIP's context), row-major.
+        grid: (h, w).
+    """
+
+    dense: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grid: tuple[int, int]
 
 
 class DenseCLIP(nn.Module, metaclass=ABCMeta):
@@ -41,7 +62,7 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         embed_dim: dimension of the joint image-text space.
         patch_size: side of a (square) patch in pixels.
         native_image_size: side of the (square) training resolution in pixels.
-        dense_last_block: default for :meth:`encode_dense`, "value" (reference) or "standard".
+        dense_last_block: default for :meth:`encode_dense`, "value" (reference), "standard" or a DeCLIP mode.
         source: where the weights came from ("random init", a file path or an open_clip tag).
         load_info: details of the load (layout detected, file format, checkpoint extras).
         model_cfg: the open_clip model config the model was built from (overrides and QuickGELU applied).
@@ -68,8 +89,8 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         preprocess_cfg: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        if dense_last_block not in ("value", "standard"):
-            raise ValueError(f"dense_last_block: expected 'value' or 'standard', got {dense_last_block!r}")
+        if dense_last_block not in LAST_BLOCKS:
+            raise ValueError(f"dense_last_block: expected one of {list(LAST_BLOCKS)}, got {dense_last_block!r}")
         self.clip = clip
         self.name = name
         self.tokenizer = tokenizer
@@ -86,6 +107,8 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         self._pos_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._aux_cache: OrderedDict[tuple, Any] = OrderedDict()
         self._check_supported()
+        if dense_last_block in DECOUPLED_MODES:
+            self.check_decoupled(dense_last_block)
 
     # ------------------------------------------------------------------ family hooks
 
@@ -117,6 +140,17 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def _block_value_path(self, block: nn.Module, x: torch.Tensor, ctx: Any) -> torch.Tensor:
         """The block with attention replaced by its value path: x + out(v(norm1(x))), then the MLP residual."""
+
+    @abstractmethod
+    def _block_decoupled(self, block: nn.Module, x: torch.Tensor, ctx: Any,
+                         mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DeCLIP's decoupled block: (output tokens, q, k, v), q/k/v as (B, heads, T, head_dim) with the prefix.
+
+        The output has no residual and no MLP (the released ``forward_without_rcffn`` / ``ss_attn``)."""
+
+    def decoupled_modes(self) -> tuple[str, ...]:
+        """The DeCLIP modes this model's last block can run (every mode for the ViT families we build)."""
+        return DECOUPLED_MODES
 
     @abstractmethod
     def _project_image(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -174,17 +208,15 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
             images: normalised images; H and W need not be equal nor multiples of the patch size (the
                 remainder is dropped, as by the patch convolution).
             last_block: "value" runs the last block without q·k attention (the reference dense path),
-                "standard" runs it normally; default :attr:`dense_last_block`.
+                "standard" runs it normally, a DeCLIP mode ("qq", "kk", "vv", "csa", "all") runs the decoupled
+                block (:mod:`densevlm.models.decoupled`); default :attr:`dense_last_block`.
         """
-        mode = last_block if last_block is not None else self.dense_last_block
-        if mode not in ("value", "standard"):
-            raise ValueError(f"last_block: expected 'value' or 'standard', got {mode!r}")
+        mode = self._last_block_mode(last_block)
         x, (h, w), ctx = self._embed(self._prepare(images))
         blocks = self.visual_blocks()
         for block in blocks[:-1]:
             x = self._block(block, x, ctx)
-        last = self._block_value_path if mode == "value" else self._block
-        x = last(blocks[-1], x, ctx)
+        x = self._last_block(blocks[-1], x, ctx, mode)
         features = F.normalize(self._project_dense(x[:, self.num_prefix_tokens:]), dim=-1)
         return features.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
@@ -202,9 +234,7 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
         Returns:
             ``([(B, width, H // p, W // p) per index, in the order given], (B, embed_dim, H // p, W // p) dense map)``.
         """
-        mode = last_block if last_block is not None else self.dense_last_block
-        if mode not in ("value", "standard"):
-            raise ValueError(f"last_block: expected 'value' or 'standard', got {mode!r}")
+        mode = self._last_block_mode(last_block)
         blocks = self.visual_blocks()
         wanted = [i + len(blocks) if i < 0 else i for i in indices]
         bad = [i for i, w in zip(indices, wanted) if not 0 <= w < len(blocks)]
@@ -216,12 +246,53 @@ class DenseCLIP(nn.Module, metaclass=ABCMeta):
             if i < len(blocks) - 1:
                 x = self._block(block, x, ctx)
             else:
-                x = (self._block_value_path if mode == "value" else self._block)(block, x, ctx)
+                x = self._last_block(block, x, ctx, mode)
             if i in wanted:
                 taken[i] = x[:, self.num_prefix_tokens:].reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
         features = F.normalize(self._project_dense(x[:, self.num_prefix_tokens:]), dim=-1)
         dense = features.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
         return [taken[i].contiguous() for i in wanted], dense
+
+    def encode_dense_decoupled(self, images: torch.Tensor, mode: str) -> DecoupledDense:
+        """DeCLIP's forward: the decoupled last block's dense map (content) and its q / k / v tokens (context).
+
+        Args:
+            images: as for :meth:`encode_dense`.
+            mode: a DeCLIP mode this model supports (:meth:`decoupled_modes`).
+        """
+        self.check_decoupled(mode)
+        x, grid, ctx = self._embed(self._prepare(images))
+        blocks = self.visual_blocks()
+        for block in blocks[:-1]:
+            x = self._block(block, x, ctx)
+        x, q, k, v = self._block_decoupled(blocks[-1], x, ctx, mode)
+        npt = self.num_prefix_tokens
+        features = F.normalize(self._project_dense(x[:, npt:]), dim=-1)
+        dense = features.reshape(x.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+        return DecoupledDense(dense, q[:, :, npt:], k[:, :, npt:], v[:, :, npt:], grid)
+
+    def check_decoupled(self, mode: str) -> None:
+        """Raise ValueError naming the model and its modes when it cannot run DeCLIP's ``mode``."""
+        supported = self.decoupled_modes()
+        if mode not in supported:
+            raise ValueError(f"model {self.name!r} ({self.family}) cannot decouple its last block in mode {mode!r}; "
+                             f"modes it supports: {list(supported) or 'none'}")
+
+    def _last_block_mode(self, last_block: Optional[str]) -> str:
+        mode = last_block if last_block is not None else self.dense_last_block
+        if mode not in LAST_BLOCKS:
+            raise ValueError(f"last_block: expected one of {list(LAST_BLOCKS)}, got {mode!r}")
+        if mode in DECOUPLED_MODES:
+            self.check_decoupled(mode)
+        return mode
+
+    def _last_block(self, block: nn.Module, x: torch.Tensor, ctx: Any, mode: str) -> torch.Tensor:
+        """The last block as the dense path runs it in ``mode``."""
+        if mode == "value":
+            return self._block_value_path(block, x, ctx)
+        if mode == "standard":
+            return self._block(block, x, ctx)
+        return self._block_decoupled(block, x, ctx, mode)[0]
 
     @property
     def width(self) -> int:

@@ -22,6 +22,7 @@ from timm.models import register_model
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
+from densevlm.models.decoupled import decoupled_attention
 from densevlm.models.dense_clip import DenseCLIP
 from densevlm.models.positional import reference_rope_sincos
 
@@ -206,6 +207,30 @@ class EvaDense(DenseCLIP):
         if block.gamma_2 is not None:
             mlp = block.gamma_2 * mlp
         return x + block.drop_path2(mlp)
+
+    def _block_decoupled(self, block: nn.Module, x: torch.Tensor, ctx: Any,
+                         mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The released EVA ``forward_without_rcffn`` / ``ss_attn``: norm1, q (+ q bias), k (no bias), v (+ v bias),
+        # self-self attention WITHOUT the scale and WITHOUT RoPE (both as released), sub-LN, proj, gamma_1; no
+        # residual, no MLP.
+        attn = block.attn
+        b, t, _ = x.shape
+        h = block.norm1(x)
+        if attn.qkv is not None:  # fused weights; timm keeps a zero k bias buffer, as the reference's
+            bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            q, k, v = nn.functional.linear(h, attn.qkv.weight, bias).reshape(b, t, 3, attn.num_heads, -1).unbind(2)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = (z.reshape(b, t, attn.num_heads, -1).transpose(1, 2) for z in (q, k, v))
+        q, k = attn.q_norm(q), attn.k_norm(k)  # identities in EVA02
+        out = decoupled_attention(q, k, v, mode, 1.0).transpose(1, 2).reshape(b, t, -1)
+        out = attn.norm(out)
+        if attn.gate is not None:
+            out = out * attn.gate(h).sigmoid()
+        out = attn.proj_drop(attn.proj(out))
+        if block.gamma_1 is not None:
+            out = block.gamma_1 * out
+        return block.drop_path1(out), q, k, v
 
     def _project_image(self, tokens: torch.Tensor) -> torch.Tensor:
         trunk = self._trunk

@@ -26,6 +26,7 @@ from densevlm.config.core import ConfigError, from_dict, read_yaml, to_dict
 from densevlm.config.model import ModelSpec
 from densevlm.models.checkpoints import LoadedCheckpoint, read_checkpoint
 from densevlm.utils.hashing import sha256_file
+from densevlm.models.decoupled import DECOUPLED_MODES
 from densevlm.models.dense_clip import DenseCLIP
 from densevlm.models.eva import EvaDense
 from densevlm.models.layouts import infer_model_name, load_checkpoint_into, register_config_path
@@ -169,6 +170,8 @@ def _resolve_run_dir(run_dir: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
                 "give the model name in the spec"
             )
         arch = {k: section[k] for k in ("name", "force_quick_gelu", "model_overrides") if k in section}
+        if section.get("dense_last_block") in DECOUPLED_MODES:  # a DeCLIP run: its weights go with its dense path
+            arch["dense_last_block"] = section["dense_last_block"]
         try:
             spec = from_dict(ModelSpec, {**to_dict(spec), **arch})
         except ConfigError as err:
@@ -186,12 +189,17 @@ def run_dir_spec(run_dir: str | Path) -> ModelSpec:
     return spec
 
 
-def _pick_family(clip: torch.nn.Module) -> type[DenseCLIP]:
+def _pick_family(clip: torch.nn.Module, name: str = "", last_block: str = "value") -> type[DenseCLIP]:
     visual = getattr(clip, "visual", None)
     if isinstance(visual, TimmModel) and isinstance(getattr(visual, "trunk", None), Eva):
         return EvaDense
     if isinstance(visual, VisionTransformer):
         return OpenCLIPViTDense
+    if last_block in DECOUPLED_MODES:  # asked for DeCLIP's dense path: say so, not only "unsupported tower"
+        raise ValueError(
+            f"model {name!r}: DeCLIP mode {last_block!r} decouples the last block of a ViT trunk, but its vision "
+            f"tower is {type(visual).__name__}; modes this model supports: none (ViT trunks, open_clip "
+            f"VisionTransformer or timm Eva, support {list(DECOUPLED_MODES)})")
     raise TypeError(
         f"vision tower {type(visual).__name__} is not supported; supported families: open_clip VisionTransformer "
         "(OpenAI/OpenCLIP ViTs) and timm Eva trunks in TimmModel (EVA02)"
@@ -290,7 +298,7 @@ def create_backbone(spec: Union[ModelSpec, str], *, device: Union[str, torch.dev
     if spec.force_quick_gelu:
         config["quick_gelu"] = True
     context_length = int(config["text_cfg"].get("context_length", 77))
-    family = _pick_family(clip)
+    family = _pick_family(clip, name, spec.dense_last_block)
     model = family(
         clip,
         name=name,

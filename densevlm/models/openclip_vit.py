@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from densevlm.models.decoupled import decoupled_attention
 from densevlm.models.dense_clip import DenseCLIP
 
 
@@ -98,6 +99,24 @@ class OpenCLIPViTDense(DenseCLIP):
             out = attn.out_proj(v)
         x = x + block.ls_1(out)
         return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def _block_decoupled(self, block: nn.Module, x: torch.Tensor, ctx: Any,
+                         mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The released open_clip ``ss_attn``: ln_1, the fused in_proj, per-head self-self attention scaled by
+        # head_dim^-0.5, out_proj, ls_1; no residual, no MLP. Per token and per head, so the layout is free.
+        attn = block.attn
+        b, t, dim = x.shape
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, d)
+        out = decoupled_attention(q, k, v, mode, q.shape[-1] ** -0.5)
+        if isinstance(block, CustomResidualAttentionBlock) and attn.head_scale is not None:
+            out = out * attn.head_scale  # (heads, 1, 1): per-head output scaling, as its attention applies it
+        out = out.transpose(1, 2).reshape(b, t, dim)
+        if isinstance(block, CustomResidualAttentionBlock):
+            out = block.ln_attn(attn.out_drop(attn.out_proj(attn.ln_inner(out))))
+        else:
+            out = attn.out_proj(out)
+        return block.ls_1(out), q, k, v
 
     def _project_image(self, tokens: torch.Tensor) -> torch.Tensor:
         visual = self._visual

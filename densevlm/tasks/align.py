@@ -15,7 +15,7 @@ from densevlm.engine.run_dir import check_run_dir, run_directory
 from densevlm.engine.trainer import FitResult, Trainer
 from densevlm.methods.regions import student_region_features
 from densevlm.models import create_backbone, freeze_for_dense_tuning
-from densevlm.tasks import clipself as _clipself, densevlm as _densevlm  # noqa: F401  (they register their methods)
+from densevlm.tasks import clipself as _clipself, declip as _declip, densevlm as _densevlm  # noqa: F401  (they register)
 from densevlm.tasks.methods import METHODS
 
 log = logging.getLogger(__name__)

@@ -51,12 +51,13 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 def grid_dataset(cfg: AlignConfig, source: ImageSource, student: nn.Module, *, default_max_boxes: int,
                  crop_size: Optional[int] = None, teacher_cache: Any = None,
                  mask_patches: Sequence[int] = (), added: Optional[dict[int, list[dict[str, Any]]]] = None,
-                 added_from: str = "") -> Dataset:
+                 added_from: str = "", method_grid: Optional[str] = None) -> Dataset:
     """The recipe's region training set: regions from ``data.regions`` (the reference's random grid by default;
-    ``data.grid_style: auto`` is the method's own grid). ``mask_patches``: the patch sizes of the models that pool
-    a mask source's regions (the student's is always one). ``added``: regions a reviewer added (``labels apply``,
+    ``data.grid_style: auto`` is the method's own grid: ``method_grid``, default the method's name).
+    ``mask_patches``: the patch sizes of the models that pool a mask source's regions (the student's is always
+    one). ``added``: regions a reviewer added (``labels apply``,
     read from ``added_from``), appended to a file source's regions; the grid has no place for them (a warning)."""
-    style = cfg.method if cfg.data.grid_style == "auto" else cfg.data.grid_style
+    style = (method_grid or cfg.method) if cfg.data.grid_style == "auto" else cfg.data.grid_style
     regions = build_region_source(cfg.data.regions, source, GridSpec(style, cfg.data.max_split))
     if added and cfg.data.regions.kind == "grid":
         log.warning("%s: %d added region(s) are not trained: grid cells are drawn at random, added regions need a "

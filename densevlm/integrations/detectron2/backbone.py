@@ -23,6 +23,7 @@ from torch import nn
 
 from densevlm.models import DenseCLIP, create_backbone
 from densevlm.models.model_arg import spec_from_model_arg
+from densevlm.models.dense_clip import LAST_BLOCKS
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class DenseVLMBackbone(Backbone):
         indices = list(out_indices) if out_indices else default_out_indices(depth)
         if len(indices) != 4 or not all(-depth <= i < depth for i in indices):
             raise ValueError(f"MODEL.DENSEVLM.OUT_INDICES: expected 4 block indices in [0, {depth}), got {indices}")
-        if last_block not in ("value", "standard"):
-            raise ValueError(f"MODEL.DENSEVLM.LAST_BLOCK: expected 'value' or 'standard', got {last_block!r}")
+        if last_block not in LAST_BLOCKS:
+            raise ValueError(f"MODEL.DENSEVLM.LAST_BLOCK: expected one of {list(LAST_BLOCKS)}, got {last_block!r}")
         unknown = sorted(set(out_features) - {*PYRAMID, CLIP_MAP})
         if unknown:
             raise ValueError(f"out_features {unknown} unknown; expected a subset of {[*PYRAMID, CLIP_MAP]}")

@@ -15,7 +15,8 @@ def add_densevlm_config(cfg: CN) -> CN:
         OUT_INDICES: 0-based blocks whose tokens feed res2, res3, res4, res5 (F-ViT: [3, 5, 7, 11] for B/16,
             [6, 10, 14, 23] for L/14); empty = the last block of each quarter of the tower.
         FROZEN: freeze the whole CLIP (F-ViT and the DenseVLM evaluation do); the pyramid layers always train.
-        LAST_BLOCK: "value" (the DenseVLM/CLIPSelf dense path, F-ViT's forward_without_attn) or "standard".
+        LAST_BLOCK: "value" (the DenseVLM/CLIPSelf dense path, F-ViT's forward_without_attn), "standard", or a
+            DeCLIP mode ("qq", ...: the decoupled last block a DeCLIP-tuned backbone was trained with).
         NORM: normalisation between the stride-4 transposed convolutions ("LN", "BN", "SyncBN", "GN", "").
         TOKEN_STRIDE: input pixels per token. A ViT with another patch size (14) sees the image rescaled by
             patch / TOKEN_STRIDE, so the pyramid keeps detectron2's integer strides 4/8/16/32.

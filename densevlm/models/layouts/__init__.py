@@ -232,9 +232,11 @@ def reload_spec(model: "DenseCLIP", layout_name: str, out: str | Path):
     from densevlm.models.named_configs import register_config
 
     out = Path(out)
+    # The files hold weights only; the dense path (value, or a DeCLIP mode) is the reader's choice: the model's own.
+    path = model.dense_last_block
     if layout_name == "open_clip":
-        return ModelSpec(name=str(open_clip_layout.config_path(out)), pretrained=str(out))
+        return ModelSpec(name=str(open_clip_layout.config_path(out)), pretrained=str(out), dense_last_block=path)
     if layout_name == "local-dir":
-        return ModelSpec(pretrained=str(out))
+        return ModelSpec(pretrained=str(out), dense_last_block=path)
     # openai / eva_reference files hold no config: build the exported model's own architecture
-    return ModelSpec(name=register_config(model.model_cfg, model.name), pretrained=str(out))
+    return ModelSpec(name=register_config(model.model_cfg, model.name), pretrained=str(out), dense_last_block=path)
