@@ -207,7 +207,7 @@ def test_attention_pool_weights_tokens_per_head():
 # tiny vit_base with 4 registers, and Meta's outputs at its native size and at two others (the position embedding
 # resized by dinov2's own interpolation).
 DINOV2_FILE = FIXTURES / "dinov2_vitb14_reg4_tiny.pth"
-DINOV2_FILE_ARCH = {"embed_dim": 128, "depth": 2, "num_heads": 2, "img_size": 98}
+DINOV2_FILE_ARCH = {"embed_dim": 128, "depth": 2, "num_heads": 2}  # its 7x7 grid (98 px) is read off the file
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ are recomputed from the block's own q/k projections, so they are exact whatever 
 
 from __future__ import annotations
 
+import math
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,12 +157,31 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor)}
 
 
+def _adopt_file_grid(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a per-input-resizing model the file's square position grid before the converter sees the file.
+
+    DINOv2 resizes its stored table once, to each input's grid. timm's converter would first resample the table to
+    the model's own grid (37x37 at timm's 518 px), and the run-time resize of that resampled table moves the tokens
+    (by 0.8 max abs on the tiny fixture of tests/fixtures, whose grid is 7x7).
+    """
+    pos = state.get("pos_embed")
+    if pos is None or not getattr(model, "dynamic_img_size", False):
+        return
+    # the original layout keeps the class token's row in the table; timm's DINOv2-reg layout does not
+    prefix = 1 if "mask_token" in state else (0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens)
+    side = math.isqrt(pos.shape[1] - prefix)
+    if side * side == pos.shape[1] - prefix and tuple(model.patch_embed.grid_size) != (side, side):
+        model.set_input_size(img_size=side * model.patch_embed.patch_size[0])
+
+
 def load_dinov2_weights(model: nn.Module, path: str | Path, name: str) -> None:
     """Load a local DINOv2 file (original ``dinov2_vit*14_reg4_pretrain.pth`` layout, or timm's) into ``model``.
 
     The original layout is converted by timm's ``checkpoint_filter_fn`` (registers out of the position embedding,
-    the class token's position folded in, the grid resampled to the model's). Shape mismatches (a ViT-L file for
-    a ViT-B model, ...) and missing or unexpected keys raise a ValueError naming the file, the keys and shapes.
+    the class token's position folded in). A model that resizes its position embedding per input (timm's
+    ``dynamic_img_size``, as :func:`create_dinov2` builds it) takes the file's grid, as DINOv2 does. Shape
+    mismatches (a ViT-L file for a ViT-B model, ...) and missing or unexpected keys raise a ValueError naming the
+    file, the keys and shapes.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -169,6 +189,7 @@ def load_dinov2_weights(model: nn.Module, path: str | Path, name: str) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"DINOv2 weights not found: {path}")
     state = _read_state_dict(path)
+    _adopt_file_grid(model, state)
     expected = model.state_dict()
     # Compare a few size-defining shapes before the converter runs: it would try to resample a foreign grid first.
     for key in ("cls_token", "patch_embed.proj.weight"):
