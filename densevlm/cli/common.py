@@ -6,9 +6,12 @@ import argparse
 import textwrap
 
 # What `densevlm --help` and each command's --help tell a user (module docstrings are for developers).
-USAGE = """Region-language alignment of CLIP-family models for open-vocabulary dense prediction (DenseVLM, CLIPSelf):
-generate the toy world, pre-train a CLIP, tune its dense features, evaluate region classification, build class
-text embeddings. Every command reads a YAML recipe (--config, see configs/) refined by --set KEY=VALUE."""
+USAGE = """Region-language alignment of CLIP-family models for open-vocabulary dense prediction (DenseVLM, CLIPSelf,
+Talk2DINO): generate the toy world, pre-train a CLIP, tune its dense features, evaluate region classification and
+training-free semantic segmentation, train an open-vocabulary detection head (detectron2), build class text
+embeddings, export models for other code bases, and use or re-make the model zoo of toy CLIPs; `densevlm demo`
+runs the toy pipeline from the zoo. The commands that train or evaluate read a YAML recipe (--config, see
+configs/) refined by --set KEY=VALUE."""
 
 EXIT_CODES = """exit codes: 0 done; 1 bad input (missing/unreadable file, bad data, bad checkpoint; the message names it);
 2 bad config or command line (the message names the key); 75 training preempted by SIGTERM/SIGUSR1 after
@@ -24,12 +27,14 @@ and counts such steps)."""
 
 def describe(text: str) -> str:
     """Paragraphs wrapped for the terminal; example lines kept whole so they can be copied."""
-    return "\n".join(par if par.startswith("example") else textwrap.fill(par, 116) for par in text.split("\n"))
+    # break_on_hyphens=False: names such as toy-teacher-clipself or --from-scratch stay whole (and searchable)
+    return "\n".join(par if par.startswith("example") else textwrap.fill(par, 116, break_on_hyphens=False)
+                     for par in text.split("\n"))
 
 
 def new_parser(sub: argparse._SubParsersAction, name: str, help_text: str,
                description: str | None = None) -> argparse.ArgumentParser:
-    """A command's parser with the shared epilog (exit codes) and formatting."""
+    """A command's (or a command's task's) parser with the shared epilog (exit codes) and formatting."""
     return sub.add_parser(name, help=help_text, description=describe(description or help_text), epilog=EXIT_CODES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 

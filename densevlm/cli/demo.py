@@ -13,14 +13,18 @@ import sys
 
 from densevlm.cli.common import add_config_args, new_parser, overrides
 from densevlm.config import ConfigError, load_config
-from densevlm.config.demo import DemoConfig
+from densevlm.config.demo import STUDENT, TEACHER, DemoConfig
 
 NAME = "demo"
 HELP = ("the whole pipeline on the toy world from the model zoo: CLIPSelf and DenseVLM students, region "
         "classification of base/CLIPSelf/DenseVLM/teacher, figures; `demo talk2dino|detection` for the other stages")
-DESCRIPTION = ("The whole pipeline on the toy world on a CPU: generate the world, pre-train the toy CLIP, tune it "
-               "with CLIPSelf (the teacher) and DenseVLM, evaluate all three on region classification and draw the "
-               "figures under output_dir. Finished stages are reused on a re-run with the same config. --seeds N "
+DESCRIPTION = ("The whole pipeline on the toy world on a CPU, from the model zoo: generate the world; take the "
+               f"shipped student-size toy CLIP '{STUDENT}' as the base student and the shipped CLIPSelf-tuned "
+               f"teacher-size toy CLIP '{TEACHER}' as DenseVLM's teacher (--from-scratch re-makes both from the zoo "
+               "recipes first, hours on a CPU; settings student/teacher name other zoo models); tune the student "
+               "with CLIPSelf (the baseline) and with DenseVLM (seen classes only); evaluate base, CLIPSelf, DenseVLM "
+               "and the teacher on region classification and training-free semantic segmentation; draw the figures "
+               "under output_dir. Finished stages are reused on a re-run with the same config. --seeds N "
                "repeats the CLIPSelf / DenseVLM comparison over N training seeds and reports mean ± std, calling a "
                "difference within the spread a tie. `densevlm demo talk2dino` and `densevlm demo detection` run the "
                "Talk2DINO and detection stages.\n\n"
@@ -66,8 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{flag}", action="store_true", help=f"deprecated: `densevlm demo {flag}`")
     tasks = p.add_subparsers(dest="demo_task", metavar="TASK")  # no task: regions
     for name, help_text in TASKS.items():
-        _options(tasks.add_parser(name, help=help_text, description=help_text), seeds=name == "regions",
-                 suppress=True)
+        _options(new_parser(tasks, name, help_text), seeds=name == "regions", suppress=True)
     p.set_defaults(fn=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from densevlm.cli.common import add_config_args, new_parser
+from densevlm.cli.common import EXIT_CODES, add_config_args, new_parser
 
 NAME = "det"
 HELP = ("open-vocabulary detection in detectron2 (F-ViT-style, frozen backbone): `densevlm det train|eval "
@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # The integration's own module holds its parser: it imports no detectron2 until a det command runs.
     from densevlm.integrations.detectron2.det_cli import add_det_args
 
-    add_det_args(new_parser(sub, NAME, HELP), add_config_args, run)
+    add_det_args(new_parser(sub, NAME, HELP), add_config_args, run, epilog=EXIT_CODES)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,15 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "an open_clip pretrained tag; without it the model has random weights")
     p.add_argument("--vocabulary", default="coco_ade_316",
                    help="built-in vocabulary (coco_ade_316, coco_panoptic, ade20k_150, coco_stuff_171, "
-                        "pascal_context_59, voc_21, cityscapes_19), a vocabulary/COCO-panoptic json or a toy-world root")
-    p.add_argument("--templates", default="vild", help="vild (63 hand-crafted), short (7), single, or a JSON file")
+                        "pascal_context_59, voc_21, cityscapes_19), a vocabulary/COCO-panoptic json or a toy-world "
+                        "root (default: %(default)s)")
+    p.add_argument("--templates", default="vild",
+                   help="vild (63 hand-crafted), short (7), single, or a JSON file (default: %(default)s)")
     p.add_argument("--this-is-prefix", dest="this_is_prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="prefix 'This is ' to templates starting with 'a'/'the' (default: the set's own setting)")
     p.add_argument("--out", default=None, help="write .safetensors (with metadata) or .npy (the reference format)")
     p.add_argument("--cache-dir", default=None, help="reuse embeddings built before for the same model/vocabulary")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=256, help="class prompts per text-encoder batch "
+                   "(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="where the text tower runs: cpu, cuda or cuda:N "
+                   "(default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     p.set_defaults(fn=run)
 
 

@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="reload the export and compare dense, image and text outputs (default: on)")
-    p.add_argument("--tolerance", type=float, default=1e-6, help="max abs difference --verify accepts")
+    p.add_argument("--tolerance", type=float, default=1e-6,
+                   help="max abs difference --verify accepts; a larger one exits with 1, the export is kept "
+                        "(default: %(default)s)")
     p.set_defaults(fn=run)
 
 

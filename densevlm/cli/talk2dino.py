@@ -16,15 +16,18 @@ HELP = ("Talk2DINO: `densevlm talk2dino cache|train --config configs/talk2dino/.
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = new_parser(sub, NAME, HELP)
     tasks = p.add_subparsers(dest="talk2dino_task", metavar="TASK", required=True)
-    c = tasks.add_parser("cache", help="cache the frozen backbone's per-head embeddings and CLIP caption embeddings",
-                         description="Extract once, into safetensors shards with a manifest: per image the frozen "
-                         "backbone's attention-pooled embedding per head of its last block, per caption the CLIP text "
-                         "embedding. A cache of other inputs is refused, naming what differs.")
+    c = new_parser(tasks, "cache", "cache the frozen backbone's per-head embeddings and CLIP caption embeddings",
+                   "Extract once, into safetensors shards with a manifest in cache.dir (empty: <output_dir>.cache): "
+                   "per image the frozen backbone's attention-pooled embedding per head of its last block, per "
+                   "caption the CLIP text embedding. A cache of other inputs is refused, naming what differs "
+                   "(cache.rebuild=true replaces it).\n\nexample: densevlm talk2dino cache --config "
+                   "configs/talk2dino/toy.yaml")
     add_config_args(c, "the ViT-B recipe defaults; see configs/talk2dino/", example="cache.dir=runs/t2d_cache")
-    t = tasks.add_parser("train", help="train ψ (text -> patch space) from the cache (built first when missing)",
-                         description="Train ψ with best-head symmetric InfoNCE through the training loop; the run "
-                         "directory's weights.safetensors is ψ in the released layout.\n\n" + TRAINING,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = new_parser(tasks, "train", "train ψ (text -> patch space) from the cache (built first when missing)",
+                   "Train ψ with best-head symmetric InfoNCE through the training loop, from the feature cache (built "
+                   "first when missing, as `talk2dino cache` does); the run directory's weights.safetensors is ψ in "
+                   "the released layout.\n\n" + TRAINING + "\n\nexample: densevlm talk2dino train --config "
+                   "configs/talk2dino/toy.yaml")
     add_train_args(t, "the ViT-B recipe defaults; see configs/talk2dino/")
     for q in (c, t):
         q.set_defaults(fn=run)

@@ -15,14 +15,18 @@ HELP = "the model zoo: `densevlm zoo list`, `densevlm zoo build`"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = new_parser(sub, NAME, HELP)
     tasks = p.add_subparsers(dest="zoo_task", metavar="TASK", required=True)
-    ls = tasks.add_parser("list", help="the shipped pre-trained toy CLIPs, their size and quality",
-                          description="List the zoo's models (names usable wherever a model is taken).")
+    ls = new_parser(tasks, "list", "the shipped pre-trained toy CLIPs, their size and quality",
+                    "List the zoo's models (names usable wherever a model is taken), with their architecture, size, "
+                    "training time and toy-val quality; $DENSEVLM_ZOO points at another zoo folder.")
     ls.set_defaults(fn=run_list)
-    b = tasks.add_parser("build", help="re-make the zoo from its recipes (world, pre-trainings, CLIPSelf teacher)",
-                         description="Run the zoo recipes in configs/ into --root and evaluate them. Takes hours on "
-                         "2 CPU cores, minutes on a GPU. Writes zoo files only with --publish.")
-    b.add_argument("--root", default="runs/zoo_build", metavar="DIR", help="work folder (world, runs, evaluations)")
-    b.add_argument("--workers", type=int, default=2, help="data-loading processes per job")
+    b = new_parser(tasks, "build", "re-make the zoo from its recipes (world, pre-trainings, CLIPSelf teacher)",
+                   "Run the zoo recipes in configs/ (configs/toyworld/zoo.yaml, configs/pretrain/zoo_*.yaml, "
+                   "configs/train/clipself_zoo_teacher.yaml) into --root and evaluate them. Takes hours on 2 CPU "
+                   "cores, minutes on a GPU. Writes zoo files only with --publish; a --publish folder whose manifest "
+                   "already has the entries is refused before anything runs unless --overwrite.")
+    b.add_argument("--root", default="runs/zoo_build", metavar="DIR",
+                   help="work folder (world, runs, evaluations) (default: %(default)s)")
+    b.add_argument("--workers", type=int, default=2, help="data-loading processes per job (default: %(default)s)")
     b.add_argument("--world-workers", type=int, default=None,
                    help="processes generating the world (default: --workers)")
     b.add_argument("--parallel", action="store_true", help="run the two pre-trainings side by side (one GPU)")
