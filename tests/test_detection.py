@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from densevlm.integrations.detectron2 import INSTALL_HINT
 
@@ -269,3 +270,73 @@ def test_quick_demo_detection_stage_and_rerun_reuses_it(tmp_path, capsys):
     assert (out / "figures" / "detection_ap50.png").is_file() and "AP50-novel" in first
     assert main(args) == 0
     assert capsys.readouterr().out.count("reusing") >= 5  # world, both students, three detectors
+
+
+def test_vlm_branch_inference_fuses_each_proposals_scores_as_fvit_does():
+    """The whole test-time path of the box predictor against numbers computed here: detector softmax over K+1
+    columns, VLM softmax of 75 x cosine between each proposal's RoI CLIP feature and the (normalised) class and
+    background embeddings given at construction, p^(1-a) * p_vlm^a with a = ALPHA on base classes (background
+    included) and BETA on novel ones, each proposal with its OWN VLM row across a batch of two images."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.box_regression import Box2BoxTransform
+    from detectron2.structures import Boxes, Instances
+
+    from densevlm.integrations.detectron2.ov_heads import OpenVocabOutputLayers
+
+    g = torch.Generator().manual_seed(0)
+    emb, background = torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+    novel = [False, True, False]
+    head = OpenVocabOutputLayers(ShapeSpec(channels=16), class_embeddings=emb, background_embedding=background,
+                                 novel=novel, box2box_transform=Box2BoxTransform((10, 10, 5, 5)),
+                                 cls_agnostic_bbox_reg=True, test_score_thresh=0.0, test_nms_thresh=1.0,
+                                 test_topk_per_image=100, vlm_temperature=75.0, alpha=0.3, beta=0.7).eval()
+    counts = [2, 3]
+    proposals = []
+    for n in counts:
+        p = Instances((64, 64))
+        xy = torch.rand(n, 2, generator=g) * 30
+        p.proposal_boxes = Boxes(torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 20], dim=1))
+        proposals.append(p)
+    scores = torch.randn(5, 4, generator=g) * 3
+    predictions = (scores, torch.zeros(5, 4))
+    vlm_features = torch.randn(5, 8, generator=g)
+    instances, kept = head.inference(predictions, proposals, vlm_features=vlm_features)
+
+    rows = torch.cat([F.normalize(emb, dim=-1), F.normalize(background, dim=0)[None]])
+    p_det = scores.softmax(-1)
+    p_vlm = (75.0 * F.normalize(vlm_features, dim=-1) @ rows.t()).softmax(-1)
+    exponent = torch.tensor([0.3, 0.7, 0.3, 0.3])  # base, novel, base, background
+    fused = p_det ** (1 - exponent) * p_vlm ** exponent
+    start = 0
+    for image, (inst, index) in enumerate(zip(instances, kept)):
+        # every (proposal, class) pair survives (threshold 0, no suppression): 3 classes per proposal
+        assert len(inst) == 3 * counts[image]
+        expected = fused[start + index, inst.pred_classes]
+        torch.testing.assert_close(inst.scores, expected, rtol=1e-5, atol=1e-7)
+        start += counts[image]
+    # without the VLM branch the scores are the detector's own probabilities
+    plain, kept = head.inference(predictions, proposals)
+    torch.testing.assert_close(plain[1].scores, p_det[2 + kept[1], plain[1].pred_classes])
+
+
+def test_region_clip_features_are_roialign_of_pixel_boxes_on_the_stride_16_map():
+    """F-ViT's vlm_roi_extractor: boxes in the padded batch's pixels, RoIAlign 1x1 (aligned) on the dense CLIP map at
+    1/16 of the pixels."""
+    from types import SimpleNamespace
+
+    from detectron2.structures import Boxes, Instances
+    from torchvision.ops import roi_align
+
+    from densevlm.integrations.detectron2.ov_heads import OpenVocabROIHeads
+
+    g = torch.Generator().manual_seed(0)
+    clip_map = torch.randn(2, 8, 4, 6, generator=g)  # a 64 x 96 padded batch at stride 16
+    proposals = []
+    for boxes in ([[0.0, 0.0, 32.0, 32.0], [40.0, 8.0, 96.0, 60.0]], [[10.0, 20.0, 50.0, 64.0]]):
+        p = Instances((64, 96))
+        p.proposal_boxes = Boxes(torch.tensor(boxes))
+        proposals.append(p)
+    ours = OpenVocabROIHeads.region_clip_features(SimpleNamespace(clip_stride=16), clip_map, proposals)
+    expected = roi_align(clip_map, [p.proposal_boxes.tensor for p in proposals], output_size=(1, 1),
+                         spatial_scale=1 / 16, sampling_ratio=-1, aligned=True).flatten(1)
+    torch.testing.assert_close(ours, expected)

@@ -124,3 +124,53 @@ def test_supervised_ceiling_probe_runs_and_reports(world):
     assert 0.0 <= report["val_top1_largest_thing"] <= 100.0
     assert report["chance_top1"] == 5.0
     assert report["val_images"] <= 16 and report["train_images"] <= 64
+
+
+class _GivenFeatures(torch.nn.Module):
+    """A 'CLIP' whose image and text encoders return their input: the batch's images and tokens ARE the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(10.0).log())
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def encode_text(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_contrastive_loss_per_rank_uses_the_global_label_offset(monkeypatch):
+    """Two ranks simulated by hand: rank r holds pairs r*B .. r*B+B-1 of a global batch of 2B; with every rank's
+    features gathered, its loss is CLIP's loss on its own rows of the global logits, whose positives sit at columns
+    r*B + i (labels = arange(B) + r*B), and the two ranks' losses average to the global batch's CLIP loss."""
+    import torch.nn.functional as F
+
+    import densevlm.methods.contrastive as contrastive
+    from densevlm.engine.step_module import StepModule
+
+    b = 3
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(2 * b, 8, generator=g), torch.randn(2 * b, 8, generator=g)
+    image_n, text_n = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+    logits = 10.0 * image_n @ text_n.t()  # the global batch's logits, images by rows
+    labels = torch.arange(2 * b)
+    global_loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    model = StepModule(_GivenFeatures())
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    losses = []
+    for rank in (0, 1):
+        rows = slice(rank * b, rank * b + b)
+
+        def gather(x, rank=rank, rows=rows):  # every rank's shard in rank order, this rank's own (with grad) in place
+            full = image_n if torch.allclose(x, image_n[rows]) else text_n
+            return torch.cat([x if r == rank else full[r * b:r * b + b] for r in (0, 1)])
+
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(contrastive, "_gather_with_grad", gather)
+        out = contrastive.ContrastiveObjective()(model, {"images": images[rows], "tokens": texts[rows]})
+        expected = 0.5 * (F.cross_entropy(logits[rows], labels[rows]) + F.cross_entropy(logits.t()[rows], labels[rows]))
+        torch.testing.assert_close(out.loss.detach(), expected)
+        losses.append(out.loss.detach())
+    torch.testing.assert_close((losses[0] + losses[1]) / 2, global_loss)

@@ -272,15 +272,59 @@ def test_best_head_selection_and_loss_on_hand_made_tensors():
     torch.testing.assert_close(loss, (t2i + i2t) / 2)
 
 
-def test_objective_gradient_reaches_psi_only_through_the_chosen_heads():
+def test_only_the_chosen_heads_attention_maps_get_gradient_and_change_the_loss():
+    """Each caption's head is picked by hand (arg-max cosine with ψ(caption) among its own image's heads); the loss's
+    gradient reaches the attention maps of exactly those heads and is exactly zero on every other head, and moving
+    the other heads' maps (while they stay unchosen) leaves the loss unchanged."""
     from densevlm.engine.step_module import StepModule
 
     torch.manual_seed(0)
     psi = Talk2DINOProjection(8, 6)
-    out = Talk2DINOObjective(0.07)(StepModule(psi), {"text": torch.randn(4, 8), "heads": torch.randn(4, 3, 6)})
+    g = torch.Generator().manual_seed(1)
+    tokens, text = torch.randn(4, 5, 6, generator=g), torch.randn(4, 8, generator=g)
+    attn = torch.randn(4, 3, 5, generator=g).requires_grad_(True)  # raw CLS->patch logits, 3 heads, 5 patches
+
+    def loss_of(attn_maps):
+        heads, _ = attention_pool(PatchFeatures(tokens, attn_maps, (1, 5)))
+        return Talk2DINOObjective(0.07)(StepModule(psi), {"text": text, "heads": heads}).loss, heads
+
+    loss, heads = loss_of(attn)
+    loss.backward()
+    with torch.no_grad():
+        cos = torch.einsum("bd,bhd->bh", F.normalize(psi(text), dim=-1), F.normalize(heads, dim=-1))
+    chosen = cos.argmax(dim=1)
+    assert len(set(chosen.tolist())) > 1  # the captions do not all pick the same head index
+    picked = torch.zeros(4, 3, dtype=torch.bool)
+    picked[torch.arange(4), chosen] = True
+    assert (attn.grad[picked].abs().sum(-1) > 0).all()
+    assert (attn.grad[~picked] == 0).all()
+    with torch.no_grad():
+        moved = attn + 0.05 * torch.randn(4, 3, 5, generator=g) * (~picked)[..., None]
+        loss_moved, heads_moved = loss_of(moved)
+        cos_moved = torch.einsum("bd,bhd->bh", F.normalize(psi(text), dim=-1), F.normalize(heads_moved, dim=-1))
+    assert torch.equal(cos_moved.argmax(dim=1), chosen) and not torch.equal(heads_moved, heads)
+    torch.testing.assert_close(loss_moved, loss.detach(), atol=1e-7, rtol=0)
+
+
+def test_objective_trains_every_psi_parameter_and_reports_its_metrics():
+    """Every ψ parameter gets a gradient; t2i accuracy and the entropy of head usage equal what the chosen heads give
+    by hand."""
+    from densevlm.engine.step_module import StepModule
+
+    torch.manual_seed(0)
+    psi = Talk2DINOProjection(8, 6)
+    text, heads = torch.randn(4, 8), torch.randn(4, 3, 6)
+    out = Talk2DINOObjective(0.07)(StepModule(psi), {"text": text, "heads": heads})
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in psi.parameters())
-    assert 0.0 <= out.metrics["t2i_acc"] <= 1.0 and 0.0 <= out.metrics["head_entropy"] <= math.log(3) + 1e-6
+    with torch.no_grad():
+        t, h = F.normalize(psi(text), dim=-1), F.normalize(heads, dim=-1)
+        index = torch.einsum("bd,bhd->bh", t, h).argmax(1)
+        chosen = h[torch.arange(4), index]
+    acc = float(((t @ chosen.t()).argmax(1) == torch.arange(4)).float().mean())
+    usage = [index.tolist().count(k) / 4 for k in range(3)]
+    entropy = -sum(u * math.log(u) for u in usage if u)
+    assert out.metrics["t2i_acc"] == pytest.approx(acc) and out.metrics["head_entropy"] == pytest.approx(entropy)
 
 
 # ------------------------------------------------------------------------------------------------ cache + training
@@ -412,6 +456,37 @@ def test_segmenter_shapes_sigmoid_scores_and_background_rule():
     assert with_bg[0, -1, 0] == 1 and with_bg[0, 0, 0] == 2  # class a below, class b on the top row
     scores = torch.full((1, 2, 1, 1), 0.5)
     assert add_background(scores, 0, 0.55).argmax(1).item() == 0
+
+
+def test_background_cleaning_on_a_hand_computed_example():
+    """METHOD_TALK2DINO.md §1.10, step by step in scalar arithmetic on one image: 3 patches, 2 heads, 2 classes.
+
+    ê_m = normalize(Σ_p A_m[p] F[p]) with the RAW attention logits; w_n = softmax_m <t_n, ê_m>;
+    Â_n = softmax_p(Σ_m w_nm A_m); min-max over all of Â, rescaled to [min mask, max mask];
+    mask' = (mask + λ Â) / (1 + λ)."""
+    tokens = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    attn = [[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]  # head 0 looks at patch 0, head 1 at patch 2
+    text = [[1.0, 0.0], [0.0, 1.0]]
+    mask = [[0.6, 0.5, 0.4], [0.3, 0.7, 0.55]]
+    lam = 0.2
+    s = 1 / math.sqrt(2)
+    e_hat = [[1.0, 0.0], [s, s]]  # normalize(2 * F[0]) and normalize(1 * F[2])
+
+    def softmax(v):
+        z = [math.exp(x) for x in v]
+        return [x / sum(z) for x in z]
+
+    maps = []
+    for t in text:
+        w = softmax([t[0] * e[0] + t[1] * e[1] for e in e_hat])
+        maps.append(softmax([w[0] * attn[0][p] + w[1] * attn[1][p] for p in range(3)]))
+    lo, hi = min(min(m) for m in maps), max(max(m) for m in maps)
+    m_lo, m_hi = min(min(m) for m in mask), max(max(m) for m in mask)
+    expected = [[(mask[n][p] + lam * ((maps[n][p] - lo) / (hi - lo) * (m_hi - m_lo) + m_lo)) / (1 + lam)
+                 for p in range(3)] for n in range(2)]
+    feats = PatchFeatures(torch.tensor([tokens]), torch.tensor([attn]), (1, 3))
+    out = background_clean(torch.tensor([mask]), feats, torch.tensor(text), lam)
+    torch.testing.assert_close(out, torch.tensor([expected]), atol=1e-6, rtol=1e-6)
 
 
 def test_background_cleaning_mixes_within_the_mask_range():
