@@ -262,6 +262,16 @@ def test_labelling_tool_round_trip_reaches_training(labelled, tmp_path):
     assert acts[(image, review["deleted"])]["action"] == "delete"
     assert [(a["image"], a["bbox"], a["class"]) for a in corr["added"]] == [(image, [2.0, 3.0, 10.0, 12.0], "person")]
     assert corr["summary"]["relabelled"] == 1 and corr["summary"]["deleted"] == 1 and corr["summary"]["added"] == 1
+    # A tool that drops custom attributes (the region slot): the boxes match the proposals by overlap instead.
+    bare = json.loads((tmp_path / "corrected.json").read_text())
+    for ann in bare["annotations"]:
+        ann.pop("attributes", None)
+        ann["bbox"] = [round(v) for v in ann["bbox"]]  # and rounds coordinates to the pixel
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    assert cli.main(["labels", "apply", "--proposals", str(props), "--corrected", str(tmp_path / "bare.json"),
+                     "--rules", str(rules), "--out", str(tmp_path / "bare_corr.json")]) == 0
+    again = json.loads((tmp_path / "bare_corr.json").read_text())
+    assert again["regions"] == corr["regions"] and again["summary"] == corr["summary"]
 
     # Training reads them for its own images, regions and vocabulary.
     cfg = load_config(AlignConfig, None, [

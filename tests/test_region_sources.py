@@ -52,14 +52,14 @@ def test_every_kind_is_registered():
 def test_boxes_land_on_the_padded_canvas_where_hand_arithmetic_puts_them(tmp_path):
     """A 50x30 image on a 64 canvas: content 64x38 (38.4 rounded), so x scales by 64/50 and y by 38/30."""
     head = _images(tmp_path, [(50, 30), (30, 70)])
-    anns = [{"id": 7, "image_id": 10, "bbox": [10, 5, 20, 10], "score": 0.9},
-            {"id": 8, "image_id": 10, "bbox": [0, 0, 50, 30], "score": 0.2},
+    anns = [{"id": 8, "image_id": 10, "bbox": [0, 0, 50, 30], "score": 0.2},
+            {"id": 7, "image_id": 10, "bbox": [10, 5, 20, 10], "score": 0.9},
             {"id": 9, "image_id": 11, "bbox": [3, 14, 6, 35], "score": 0.5}]
     (tmp_path / "props.json").write_text(json.dumps({**head, "annotations": anns}))
     cfg = RegionSourceConfig(kind="boxes", path=str(tmp_path / "props.json"))
     src = build_region_source(cfg, _source(tmp_path))
     r = src.regions(0, 50, 30)
-    assert r.slots == [0, 1] and r.ids == [7, 8]  # best score first; a slot is the position in the file
+    assert r.slots == [1, 0] and r.ids == [7, 8]  # best score first; a slot is the position in the file
     got = regions_on_canvas(r, [0, 1], 50, 30, 64)["boxes"]
     fx, fy = 64 / 50 / 64, 38 / 30 / 64
     want = torch.tensor([[10 * fx, 5 * fy, 30 * fx, 15 * fy], [0, 0, 50 * fx, 30 * fy]], dtype=torch.float32)
@@ -73,7 +73,7 @@ def test_boxes_land_on_the_padded_canvas_where_hand_arithmetic_puts_them(tmp_pat
     top = build_region_source(RegionSourceConfig(kind="boxes", path=cfg.path, top_k=1), _source(tmp_path))
     assert top.regions(0, 50, 30).ids == [7]
     cut = build_region_source(RegionSourceConfig(kind="boxes", path=cfg.path, min_score=0.5), _source(tmp_path))
-    assert cut.regions(0, 50, 30).slots == [0]
+    assert cut.regions(0, 50, 30).slots == [1]
 
 
 def test_masks_are_area_averaged_onto_the_token_grid_as_by_hand(tmp_path):
