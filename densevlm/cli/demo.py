@@ -38,6 +38,10 @@ TASKS = {
     "detection": "the toy detector (needs detectron2) on the base, CLIPSelf and DenseVLM students (their stages "
                  "reused when finished), AP50 novel/base; timed, 3 x 300 detector iterations: about 41 min on 2 "
                  "quiet CPU cores (2.2 s per iteration)",
+    "labels": "the toy story of a person in the loop: a toy 'domain' (classes renamed to domain words), the teacher's "
+              "labels proposed for 100 unlabelled images, a SIMULATED reviewer correcting the wrong ones of 20 images "
+              "from the ground truth, DenseVLM tuned with and without the corrections, and the report (section "
+              "labels of the config; output_dir/labels_story/)",
 }
 SEEDS_HELP = ("run the seed comparison instead: tune CLIPSelf and DenseVLM N times (N >= 1) with training seeds "
               "loop.seed+0..N-1 (same world, base models and evaluation; each seed in seeds/seed_K/, reused on a "
@@ -95,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         from densevlm.tasks.demo_talk2dino import run_talk2dino_demo
 
         run_talk2dino_demo(cfg, fresh=args.fresh)
+    elif task == "labels":
+        from densevlm.tasks.demo_labels import run_labels_demo
+
+        run_labels_demo(cfg, fresh=args.fresh)
     elif task == "detection":
         from densevlm.tasks.demo_detection import run_detection_stage
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from densevlm.config.align import AlignConfig, DenseVLMParams, RegionDataConfig
+from densevlm.config.demo_labels import DemoLabelsConfig
 from densevlm.config.detection import DetectionConfig, toy_detection_config
 from densevlm.config.evaluation import RegionTextConfig
 from densevlm.config.model import ModelSpec
@@ -112,4 +113,5 @@ class DemoConfig:
     zoo_build: ZooBuildConfig = field(default_factory=ZooBuildConfig)
     talk2dino: DemoTalk2DINOConfig = field(default_factory=DemoTalk2DINOConfig)  # `densevlm demo talk2dino`
     detection: DetectionConfig = field(default_factory=_demo_detection)  # `densevlm demo detection` only
+    labels: DemoLabelsConfig = field(default_factory=DemoLabelsConfig)  # `densevlm demo labels` only
     grid_images: int = 8  # images in the toy-world contact sheet
