@@ -78,6 +78,15 @@ def test_compact_loss_equals_the_full_loss_when_k_is_the_vocabulary():
     assert m_full["kept_fraction"] > 0.5 and m_full["thing_regions"] > 0 and m_full["stuff_regions"] > 0
     assert abs(float(compact) - float(full)) <= 1e-6
     assert m_compact["kept_fraction"] == m_full["kept_fraction"]
+    # at T = 0.01 a cos gap above ~1.04 underflows a float32 probability to 0 (log: -inf): a zero-probability class
+    # contributes nothing to the KL (0 log 0 = 0), it does not turn the loss into NaN
+    extreme = torch.full((4, v), -100.0)
+    extreme[:, 0], extreme[:, 15] = 100.0, 99.0  # a stuff class (15) next to the top thing class (0)
+    dist = compact_distribution(extreme, v)
+    assert bool((dist.probs == 0).any())
+    loss, _ = obj.loss_from_logits(compact_logits(dist, v), s_logits[:4])
+    want, _ = obj.loss_from_logits(extreme, s_logits[:4])
+    assert torch.isfinite(loss) and abs(float(loss) - float(want)) <= 1e-6
     # and the objective's loss is the KL of the oracle (stuff rows: all columns; thing rows: thing columns)
     p, s = t_logits.double().softmax(-1).numpy(), s_logits.double().numpy()
     conf, label = p.max(-1), p.argmax(-1)
