@@ -287,3 +287,15 @@ def test_densevlm_trains_on_compact_shards_and_refuses_another_k(compact_world):
              "output_dir": compact_world["output_dir"] + "_k3"}
     with pytest.raises(ShardError, match=r"k: shards have 2, the run has 3"):
         run_align(from_dict(AlignConfig, other))
+
+
+def test_a_shard_cut_between_samples_is_named_with_its_count(tmp_path):
+    """Cut at a sample boundary the tar still parses: the count against the manifest names what is missing."""
+    write_shards(shard_cfg(tmp_path, n=8, shard_size=4))
+    path = tmp_path / "shards" / "shard-000000.tar"
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    third = next(m for m in members if m.name.startswith("000000002."))  # the first file of the third sample
+    path.write_bytes(path.read_bytes()[:third.offset])
+    with pytest.raises(ShardError, match=r"shard-000000\.tar holds 2 sample\(s\), manifest\.json says 4"):
+        list(read_shard(open_shards(str(tmp_path / "shards")), 0))
