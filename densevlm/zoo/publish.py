@@ -35,8 +35,9 @@ def check_publish(names: list[str], weights_dir: Optional[Path] = None, overwrit
         raise ZooError(f"{mpath}: expected a JSON object with a 'models' object")
     taken = [n for n in names if n in models]
     if taken and not overwrite:
-        raise ZooError(f"{mpath}: zoo model(s) {taken} already exist; pass --overwrite to replace them, or publish "
-                       "into another folder")
+        names = ", ".join(f"'{n}'" for n in taken)
+        what = f"zoo model {names} already exists" if len(taken) == 1 else f"zoo models {names} already exist"
+        raise ZooError(f"{mpath}: {what}; pass --overwrite to replace, or publish into another folder")
 
 
 def publish(
