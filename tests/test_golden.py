@@ -83,9 +83,7 @@ def test_tokenizer_reproduces_golden_tokens(model, golden):
     assert torch.equal(model.tokenizer(texts), golden["text_tokens"])
 
 
-def test_dense_map_is_unit_norm_and_not_the_standard_path(model, golden, outputs):
-    dense = outputs["encode_dense_320"]
-    assert torch.allclose(dense.norm(dim=1), torch.ones(1, 20, 20), atol=1e-5)
+def test_dense_map_is_not_the_standard_path(model, golden):
     with torch.no_grad():
         standard = model.encode_dense(golden["image_224"], last_block="standard")
     # the value-path last block is what the reference aligns; the normal block gives other features
