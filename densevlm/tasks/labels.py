@@ -124,7 +124,7 @@ def run_propose(cfg: LabelsProposeConfig, *, progress: bool = True) -> dict[str,
                 image_records.append(rec)
                 records.append({**rec, "probs": [round(float(q), 6) for q in p]})
             if len(cards) < cfg.sheet_images:
-                cards.append({"name": keys[i], "png": thumbnail(img, image_records, masks, cfg.thumb_size),
+                cards.append({"name": keys[i], "jpeg": thumbnail(img, image_records, masks, cfg.thumb_size),
                               "regions": image_records})
         if progress:
             log.info("labels propose: %d/%d images", batch[-1] + 1, len(images))
