@@ -179,7 +179,7 @@ def test_propose_writes_coco_with_scores_distributions_and_a_contact_sheet(label
         assert r["passes"] == (r["score"] > dist["threshold"])
         assert coco.annToMask(ann).sum() == ann["area"] > 0  # the RLE mask reads back
     sheet = (props / "contact_sheet.html").read_text()
-    assert sheet.count("<img src='data:image/png;base64,") == len(coco.imgs) and "function sortCards" in sheet
+    assert sheet.count("<img src='data:image/jpeg;base64,") == len(coco.imgs) and "function sortCards" in sheet
     assert dist["identity"]["regions"]["kind"] == "masks" and dist["identity"]["teacher"]["name"] == "ToyCLIP-ViT-B-12"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -14,7 +15,34 @@ from densevlm.data.sources import ImageSource
 from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_center_pad, resize_longest_pad, to_tensor
 
 
-class GridRegionDataset(Dataset):
+class RegionImages(Dataset, ABC):
+    """What every region training set shares: an image source (``self.source``), an epoch for per-epoch draws
+    (``set_epoch``), and a bad image skipped for the next one when the source says so."""
+
+    source: ImageSource
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def image_name(self, index: int) -> str:
+        return self.source.image_name(index)
+
+    @abstractmethod
+    def item(self, index: int, img: Image.Image) -> dict[str, Any]:
+        """Item ``index`` from its loaded image ``img``."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        img = self.source.load_or_skip(index, "the next image used instead")
+        if img is None:
+            return self[(index + 1) % len(self)]
+        return self.item(index, img)
+
+
+class GridRegionDataset(RegionImages):
     """Image (resize-longest, zero-padded to ``image_size``) with up to ``max_boxes`` random grid boxes.
 
     Items: ``image`` (3, S, S), ``boxes`` (max_boxes, 4) normalised on the canvas, ``valid`` (max_boxes,),
@@ -38,19 +66,7 @@ class GridRegionDataset(Dataset):
         self.choices = grid_choices(max_split, grid_style)
         self.mean, self.std, self.seed, self.epoch = mean, std, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def image_name(self, index: int) -> str:
-        return self.source.image_name(index)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        img = self.source.load_or_skip(index, "the next image used instead")
-        if img is None:
-            return self[(index + 1) % len(self)]
+    def item(self, index: int, img: Image.Image) -> dict[str, Any]:
         item, cells = region_item(img, index, self)
         if self.teacher_cache is not None:
             item.update(self.teacher_cache.item_fields(index, cells))

@@ -148,6 +148,8 @@ def run_apply(proposals: str | Path, corrected: str | Path, out: str | Path, *,
         unmatched = dict(proposed)
         for ann in anns:
             where = f"{corrected}: annotation {ann.get('id')!r} (image {key})"
+            if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4):
+                raise CorrectionsError(f"{where}: needs 'bbox' [x, y, w, h], got {ann.get('bbox')!r}")
             raw = category.get(ann.get("category_id"))
             if raw is None:
                 raise CorrectionsError(f"{where}: category_id {ann.get('category_id')!r} is not in its categories")
@@ -189,7 +191,7 @@ def run_apply(proposals: str | Path, corrected: str | Path, out: str | Path, *,
 
 
 # --------------------------------------------------------------------------------------------- training
-def _identity_mismatch(path: Path, stored: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
+def _identity_mismatch(stored: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     out = []
     for key in ("images", "regions"):
         if stored.get(key) != run.get(key):
@@ -206,7 +208,7 @@ def read_corrections(path: str | Path, identity: Mapping[str, Any]) -> dict[str,
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CorrectionsError(f"{p}: not a corrections file of `densevlm labels apply` (format "
                                f"{data.get('format') if isinstance(data, dict) else None!r})")
-    diffs = _identity_mismatch(p, data.get("identity", {}), identity)
+    diffs = _identity_mismatch(data.get("identity", {}), identity)
     if diffs:
         raise CorrectionsError(f"corrections file {p} was made for another source than this run's: "
                                + "; ".join(diffs) + ". Propose and review labels for this run's data (densevlm "
