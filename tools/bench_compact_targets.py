@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--boxes", type=int, default=36)
     ap.add_argument("--thing-fraction", type=float, default=204 / 316)
-    ap.add_argument("--scales", type=float, nargs=3, default=[0.3, 0.05, 0.02], metavar=("SHARP", "MEDIUM", "FLAT"),
+    ap.add_argument("--scales", type=float, nargs=3, default=[0.3, 0.1, 0.02], metavar=("SHARP", "MEDIUM", "FLAT"),
                     help="s of the teacher features per regime (0.3: top-1 ~1; 0.02: top-1 ~0.4)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
