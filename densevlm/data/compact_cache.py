@@ -97,6 +97,13 @@ def _check_manifest(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def check_existing_store(root: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Refuse ``root`` when it holds a store (or anything with its manifest name) for another identity; a folder
+    without a manifest passes (a new store)."""
+    if (Path(root) / MANIFEST).exists():
+        _check_manifest(Path(root), meta)
+
+
 def _shard_header(path: Path) -> dict[str, Any]:
     try:
         header = shard_metadata(path)

@@ -17,7 +17,8 @@ from torch import nn
 
 from densevlm.config.align import AlignConfig
 from densevlm.config.core import ConfigError
-from densevlm.data.compact_cache import CompactTargetStore, build_compact_targets, compact_metadata
+from densevlm.data.compact_cache import (CompactTargetStore, build_compact_targets, check_existing_store,
+                                         compact_metadata)
 from densevlm.data.sources import ImageSource
 from densevlm.data.teacher_cache import (MANIFEST, TEXT_DIR, TeacherCache, build_teacher_cache, cache_metadata,
                                         image_keys, write_manifest)
@@ -142,8 +143,15 @@ def _build_compact(cfg: AlignConfig, teacher: nn.Module, source: ImageSource, me
                                  accelerator=acc, progress=progress)
 
 
-#: teacher_targets.kind -> how ``cache-teacher`` builds its store.
+def _preflight_compact(cfg: AlignConfig, mean: Any, std: Any) -> None:
+    # k out of range, or a folder holding a store of another identity, is refused before anything is written
+    check_existing_store(cfg.teacher_cache, recipe_compact_metadata(cfg, mean, std))
+
+
+#: teacher_targets.kind -> how ``cache-teacher`` builds its store, and what it checks before writing anything.
 BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {"exact": _build_exact, "compact": _build_compact}
+PREFLIGHT: dict[str, Callable[[AlignConfig, Any, Any], None]] = {"exact": lambda cfg, mean, std: None,
+                                                                 "compact": _preflight_compact}
 
 
 def run_cache_teacher(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -164,8 +172,7 @@ def run_cache_teacher(cfg: AlignConfig, *, progress: bool = True) -> dict[str, A
     student = create_backbone(cfg.student)  # only for its input normalisation, which the teacher sees in training
     mean, std = student.image_mean, student.image_std
     del student
-    if cfg.teacher_targets.kind == "compact":
-        recipe_compact_metadata(cfg, mean, std)  # refuse a bad k or vocabulary before building the teacher
+    PREFLIGHT[cfg.teacher_targets.kind](cfg, mean, std)
     teacher = create_backbone(cfg.teacher)
     tcfg = cfg.teacher_text
     vocab = get_vocabulary(tcfg.vocabulary)  # the full one: the text-embedding cache keys on it
