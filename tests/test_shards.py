@@ -299,3 +299,48 @@ def test_a_shard_cut_between_samples_is_named_with_its_count(tmp_path):
     path.write_bytes(path.read_bytes()[:third.offset])
     with pytest.raises(ShardError, match=r"shard-000000\.tar holds 2 sample\(s\), manifest\.json says 4"):
         list(read_shard(open_shards(str(tmp_path / "shards")), 0))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _train_on_shards(shards: Path, run_dir: Path, resume: bool = False, stop_at: int = 0) -> dict:
+    """tests/shards_worker.py's model on one process with 2 loader workers; ``stop_at``: die after that step."""
+    from shards_worker import MSE, Net, to_item
+
+    from densevlm.config.train import LoopConfig, OptimConfig
+    from densevlm.engine.run_dir import prepare_run_dir
+    from densevlm.engine.trainer import Trainer
+    from safetensors.torch import load_file
+
+    loop = LoopConfig(epochs=2, batch_size=2, num_workers=2, cpu=True, log_every=1, checkpoint_every_steps=2,
+                      keep_checkpoints=2, handle_signals=False)
+    optim = OptimConfig(lr=1e-2, warmup_steps=1)
+    prepare_run_dir(run_dir, {"loop": loop.__dict__}, resume=resume)
+    torch.manual_seed(0)
+    ids: list = []
+
+    def on_step(step, model):
+        if step == stop_at:
+            raise _Interrupt
+
+    trainer = Trainer(model=Net(), objective=MSE(ids), dataset=ShardStream(open_shards(str(shards)), to_item, seed=5),
+                      loop=loop, optim=optim, run_dir=run_dir, on_step=on_step)
+    try:
+        trainer.fit(resume=resume)
+    except _Interrupt:
+        return {"ids": ids}
+    return {"ids": ids, "weights": load_file(str(run_dir / "weights.safetensors"))}
+
+
+def test_the_trainer_resumes_a_streamed_epoch_at_its_shard_and_sample(tmp_path):
+    """Killed after step 5 of 6 per epoch (last checkpoint: step 4), resumed: the same batches from there and
+    bit-identical weights."""
+    write_shards(shard_cfg(tmp_path, n=12, shard_size=3))
+    full = _train_on_shards(tmp_path / "shards", tmp_path / "full")
+    assert len(full["ids"]) == 12 and sorted(i for b in full["ids"][:6] for i in b) == list(range(12))
+    _train_on_shards(tmp_path / "shards", tmp_path / "part", stop_at=5)
+    resumed = _train_on_shards(tmp_path / "shards", tmp_path / "part", resume=True)
+    assert resumed["ids"] == full["ids"][4:]
+    assert all(torch.equal(full["weights"][k], resumed["weights"][k]) for k in full["weights"])

@@ -82,9 +82,12 @@ def store_bytes(work: Path, world: Path, k: int, kind: str) -> dict:
 
 
 def real_size_bytes(k: int) -> dict:
-    exact = EVA02_L["cells"] * EVA02_L["dim"] * 2
-    compact = EVA02_L["cells"] * (k * (2 + 4) + 4)  # int16 ids, fp32 probs, fp32 tail per cell
-    return {"exact_fp16": exact, "compact": compact, "ratio": round(exact / compact, 1)}
+    """Tensor bytes per image of EVA02-L targets, exact and compact (h23a's formula, tools/bench_compact_targets.py;
+    316 classes: int16 ids)."""
+    from bench_compact_targets import bytes_per_image  # (tools/ is this script's folder, on sys.path)
+
+    b = bytes_per_image(EVA02_L["cells"], EVA02_L["dim"], 316, k)
+    return {"exact_fp16": b["exact"], "compact": b["compact"], "ratio": b["ratio"]}
 
 
 def shard_throughput(work: Path, world: Path, k: int) -> dict:
