@@ -639,7 +639,7 @@ CASES: list[Case] = [
          lambda e: (lambda argv: ((e.out / "export").mkdir(parents=True),
                                   (e.out / "export" / "model.safetensors").write_text("mine"), argv)[-1])(
              export_argv(e)),
-         1, r"{tmp}/out/export/model\.safetensors.*exists.*--overwrite", "refused naming the file; it is untouched"),
+         1, r"{tmp}/out/export/model\.safetensors already exist.*--overwrite", "refused naming the file; it is untouched"),
     Case("export", "weights file of another model than --name",
          lambda e: ["export", "--model", e.weights(OTHER, "other.safetensors"), "--name", TOY, "--format",
                     "open_clip", "--out", str(e.out / "export" / "m.safetensors")],
