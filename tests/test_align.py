@@ -48,8 +48,8 @@ def test_grid_boxes_are_mapped_into_the_padded_canvas():
 def _objective(n_thing=3, n_stuff=2, threshold=0.3) -> DenseVLMObjective:
     n = n_thing + n_stuff
     mask = torch.tensor([True] * n_thing + [False] * n_stuff)
-    eye = torch.eye(n)
-    return DenseVLMObjective(torch.nn.Identity(), eye, eye, mask, threshold=threshold)
+    eye = torch.eye(n)  # distinct teacher and student tables (these tests hand in logits; see the own-text test)
+    return DenseVLMObjective(torch.nn.Identity(), eye, eye.flip(0), mask, threshold=threshold)
 
 
 def test_densevlm_loss_is_decoupled_by_the_vocabulary_flags():

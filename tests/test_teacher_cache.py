@@ -118,10 +118,11 @@ def test_cached_features_equal_the_online_teacher(world):
     cached = batch["teacher_features"][batch["valid"]].float()
     assert cached.shape == online.shape and (cached - online).abs().max() <= 1e-3  # fp16 rounding of unit vectors
     # the loss of the same batch agrees; from the cache the objective needs no teacher at all
-    text = F.normalize(torch.randn(3, teacher.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    text, student_text = (F.normalize(torch.randn(3, teacher.embed_dim, generator=g), dim=-1) for _ in range(2))
     thing = torch.tensor([True, True, False])
-    with_teacher = DenseVLMObjective(teacher, text, text, thing, threshold=0.0)
-    without = DenseVLMObjective(None, text, text, thing, threshold=0.0)
+    with_teacher = DenseVLMObjective(teacher, text, student_text, thing, threshold=0.0)
+    without = DenseVLMObjective(None, text, student_text, thing, threshold=0.0)
     s_logits = torch.randn(len(online), 3, generator=torch.Generator().manual_seed(1))
     online_batch = {k: v for k, v in batch.items() if k not in ("teacher_features", "cached")}
     t_online = with_teacher.batch_teacher_targets(online_batch, boxes)
