@@ -49,7 +49,6 @@ def test_report_numbers_are_the_evaluations_numbers_on_the_worlds_own_files(worl
     the report's panoptic conversion) and region accuracy equals `densevlm eval regions` on its panoptic json."""
     from densevlm.config.evaluation import PanopticDataConfig, RegionEvalConfig, RegionTextConfig
     from densevlm.config.semseg import SemSegEvalConfig, toyworld_data
-    from densevlm.config.vocab import TextEmbeddingConfig
     from densevlm.config.model import ModelSpec
     from densevlm.evaluation.regions import evaluate_regions
     from densevlm.evaluation.semseg import evaluate_semseg

@@ -24,7 +24,7 @@ from densevlm.data.panoptic import PanopticRegionDataset
 from densevlm.data.semseg import SemSegDataset, semseg_loader
 from densevlm.evaluation.inference import inference_on_dataset
 from densevlm.evaluation.regions import RegionClassificationEvaluator, run_region_evaluation
-from densevlm.evaluation.semseg import SemSegEvaluator, SemSegPredictor, confusion_update, semseg_metrics
+from densevlm.evaluation.semseg import SemSegEvaluator, SemSegPredictor, confusion_update
 from densevlm.segmenters.dense_clip import DenseCLIPSegmenter
 from densevlm.utils.device import module_device
 from densevlm.vocab.embeddings import build_text_embeddings
