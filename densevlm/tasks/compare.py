@@ -86,7 +86,7 @@ def plot_compare(tables: dict[str, tuple[dict[str, dict[str, Any]], list[str]]],
     """One panel per table: a bar per column (mean) with its std, for each key."""
     from densevlm.viz.figures import plt, save_figure
 
-    fig, axes = plt.subplots(len(tables), 1, figsize=(10, 3.2 * len(tables)), squeeze=False)
+    fig, axes = plt.subplots(len(tables), 1, figsize=(12, 3.8 * len(tables)), squeeze=False)
     for ax, (title, (rows, columns)) in zip(axes[:, 0], tables.items()):
         width = 0.8 / len(columns)
         for j, col in enumerate(columns):
@@ -94,7 +94,7 @@ def plot_compare(tables: dict[str, tuple[dict[str, dict[str, Any]], list[str]]],
             stds = [rows[k].get(col, {}).get("std") if rows[k].get(col) else None for k in rows]
             x = np.arange(len(rows)) + (j - (len(columns) - 1) / 2) * width
             ax.bar(x, [m or 0.0 for m in means], width, yerr=[s or 0.0 for s in stds], capsize=2, label=col)
-        ax.set_xticks(np.arange(len(rows)), [k.replace(".", "\n", 1) for k in rows], fontsize=7)
+        ax.set_xticks(np.arange(len(rows)), list(rows), fontsize=7, rotation=35, ha="right")
         ax.set_ylabel("%")
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
