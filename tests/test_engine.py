@@ -257,6 +257,34 @@ def test_nonfinite_loss_stops_naming_step_images_and_last_checkpoint(tmp_path):
     assert not (run / "weights.safetensors").exists()
 
 
+class NaNGradientAt(DictMSE):
+    """A finite loss whose gradient is NaN at the given calls: + sqrt(0 * pred) (0, with an infinite slope at 0)."""
+
+    def __call__(self, step_model, batch):
+        self.calls += 1
+        x, y = batch["x"], batch["y"]
+        pred = step_model(_forward, x)
+        loss = ((pred - y) ** 2).mean()
+        if self.calls in self.bad:
+            loss = loss + (pred * 0.0).sum().sqrt()
+        return ObjectiveOutput(loss, {})
+
+
+def test_nonfinite_gradient_of_a_finite_loss_stops_training(tmp_path):
+    from densevlm.engine.trainer import NonFiniteError
+
+    cfg = _step_cfg()
+    run = tmp_path / "nan_grad"
+    prepare_run_dir(run, cfg)
+    torch.manual_seed(0)
+    model = Net()
+    trainer = Trainer(model=model, objective=NaNGradientAt({3}), dataset=IndexedPoints(), loop=cfg.loop,
+                      optim=cfg.optim, run_dir=run)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient \(loss [0-9.e-]+\) at step 3 "):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN gradient was never applied
+
+
 def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path):
     cfg = _step_cfg(on_nonfinite="skip", epochs=1)
     run = tmp_path / "skip"

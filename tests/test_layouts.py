@@ -368,3 +368,30 @@ def test_cli_export_of_a_zoo_model(tmp_path, capsys):
     assert cli_main(["export", "--model", "toy-student", "--format", "open_clip", "--out", str(out)]) == 0
     assert "max abs difference: dense 0.00e+00" in capsys.readouterr().out
     assert json.loads(out.with_suffix(".json").read_text()) == open_clip.get_model_config("ToyCLIP-ViT-S-16")
+
+
+def test_eva_reference_writer_uses_the_reference_names_for_every_block_tensor(models):
+    """Written from the reference's EVA-CLIP key layout (INTEGRATION.md §2), without the golden fixture: each block
+    holds exactly these names, so a tensor left under a timm name (which the reference's strict=False load would
+    silently skip, e.g. ``attn.v_proj.bias`` instead of ``attn.v_bias``) fails here."""
+    from densevlm.models.layouts.eva_reference import to_reference_state_dict
+
+    model = models["eva02"]
+    ours = to_reference_state_dict(model)
+    per_block = {"norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.q_proj.weight",
+                 "attn.k_proj.weight", "attn.v_proj.weight", "attn.inner_attn_ln.weight", "attn.inner_attn_ln.bias",
+                 "attn.proj.weight", "attn.proj.bias", "attn.rope.freqs_cos", "attn.rope.freqs_sin", "norm2.weight",
+                 "norm2.bias", "mlp.w1.weight", "mlp.w1.bias", "mlp.w2.weight", "mlp.w2.bias", "mlp.ffn_ln.weight",
+                 "mlp.ffn_ln.bias", "mlp.w3.weight", "mlp.w3.bias"}
+    depth = len(model.visual_blocks())
+    for i in range(depth):
+        prefix = f"visual.blocks.{i}."
+        assert {k[len(prefix):] for k in ours if k.startswith(prefix)} == per_block, i
+    top = {k for k in ours if k.startswith("visual.") and not k.startswith("visual.blocks.")}
+    assert top == {"visual.cls_token", "visual.pos_embed", "visual.patch_embed.proj.weight",
+                   "visual.patch_embed.proj.bias", "visual.rope.freqs_cos", "visual.rope.freqs_sin",
+                   "visual.norm.weight", "visual.norm.bias", "visual.head.weight", "visual.head.bias"}
+    # the biases hold the model's own values
+    attn = model.visual_blocks()[0].attn
+    assert torch.equal(ours["visual.blocks.0.attn.v_bias"], attn.v_proj.bias)
+    assert torch.equal(ours["visual.blocks.0.attn.q_bias"], attn.q_proj.bias)
