@@ -143,15 +143,16 @@ def test_class_rules_merge_and_never_reshape_the_teacher_distribution_as_by_hand
 # --------------------------------------------------------------------------- propose / apply on the toy world
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    """A small toy world, and the zoo teacher's proposals for its instance masks (run once for the module)."""
+    """A small toy world, and the zoo teacher's proposals for its panoptic segments (run once for the module)."""
     from densevlm.toyworld import generate_world
 
     tmp = tmp_path_factory.mktemp("labels")
     world = tmp / "world"
     generate_world(ToyWorldConfig(num_train=6, num_val=2, image_size=64, workers=0), world, progress=False)
     argv = ["labels", "propose", "--set", f"output_dir={tmp / 'props'}", f"data.source.path={world}",
-            f"teacher_text.vocabulary={world}", "data.image_size=96", "data.regions.kind=masks",
-            f"data.regions.path={world / 'annotations' / 'instances_train.json'}", "top_k=3"]
+            f"teacher_text.vocabulary={world}", "teacher_text.templates=single", f"teacher_text.cache_dir={tmp / 'text'}",
+            "data.image_size=64", "data.regions.kind=masks",
+            f"data.regions.path={world / 'annotations' / 'panoptic_train.json'}", "top_k=3"]
     assert cli.main(argv) == 0
     return {"tmp": tmp, "world": world, "props": tmp / "props"}
 
@@ -163,8 +164,8 @@ def test_propose_writes_coco_with_scores_distributions_and_a_contact_sheet(label
     dist = json.loads((props / "distributions.json").read_text())
     coco = COCO(str(props / "proposals.coco.json"))  # the COCO API's own reader
     anns = coco.loadAnns(coco.getAnnIds())
-    instances = json.loads((labelled["world"] / "annotations" / "instances_train.json").read_text())
-    assert len(anns) == len(dist["regions"]) == len(instances["annotations"]) > 0
+    panoptic = json.loads((labelled["world"] / "annotations" / "panoptic_train.json").read_text())
+    assert len(anns) == len(dist["regions"]) == sum(len(a["segments_info"]) for a in panoptic["annotations"]) > 0
     vocab = dist["vocabulary"]
     for ann, r in zip(anns, dist["regions"]):
         probs = np.asarray(r["probs"])
@@ -178,13 +179,13 @@ def test_propose_writes_coco_with_scores_distributions_and_a_contact_sheet(label
         assert r["passes"] == (r["score"] > dist["threshold"])
         assert coco.annToMask(ann).sum() == ann["area"] > 0  # the RLE mask reads back
     sheet = (props / "contact_sheet.html").read_text()
-    assert sheet.count("<img src='data:image/png;base64,") == len(coco.imgs) and "function sortCards" in sheet
+    assert sheet.count("<img src='data:image/jpeg;base64,") == len(coco.imgs) and "function sortCards" in sheet
     assert dist["identity"]["regions"]["kind"] == "masks" and dist["identity"]["teacher"]["name"] == "ToyCLIP-ViT-B-12"
 
 
-def test_proposed_distributions_are_the_region_evaluations_probabilities(labelled, tmp_path):
-    """Propose over panoptic segments: each region's distribution equals the softmax the region evaluation computes
-    (its own dataset, geometry and mask pooling) for the same segment."""
+def test_proposed_distributions_are_the_region_evaluations_probabilities(labelled):
+    """Each proposed region's distribution equals the softmax the region evaluation computes (its own dataset,
+    geometry and mask pooling) for the same panoptic segment, over the seen classes."""
     from densevlm.config.evaluation import PanopticDataConfig
     from densevlm.config.vocab import TextEmbeddingConfig
     from densevlm.data.panoptic import PanopticRegionDataset
@@ -192,24 +193,20 @@ def test_proposed_distributions_are_the_region_evaluations_probabilities(labelle
     from densevlm.vocab import text_embeddings_from_config
 
     world = labelled["world"]
-    pan = world / "annotations" / "panoptic_train.json"
-    out = tmp_path / "pan_props"
-    assert cli.main(["labels", "propose", "--set", f"output_dir={out}", f"data.source.path={world}",
-                     f"teacher_text.vocabulary={world}", "data.image_size=96", "data.regions.kind=masks",
-                     f"data.regions.path={pan}", "exclude_novel=false", "data.source.max_images=2"]) == 0
-    dist = json.loads((out / "distributions.json").read_text())
+    dist = json.loads((labelled["props"] / "distributions.json").read_text())
     teacher = create_backbone("toy-teacher-clipself")
-    vocab, text = text_embeddings_from_config(teacher, TextEmbeddingConfig(vocabulary=str(world), templates="short"),
-                                              progress=False)
-    ds = PanopticRegionDataset(PanopticDataConfig(panoptic_json=str(pan), image_root=str(world / "images" / "train"),
-                                                  image_size=96, min_box_size=0, max_box_size=None),
+    vocab, text = text_embeddings_from_config(teacher, TextEmbeddingConfig(
+        vocabulary=str(world), templates="single", cache_dir=str(labelled["tmp"] / "text")), progress=False)
+    seen = ~vocab.novel_mask
+    ds = PanopticRegionDataset(PanopticDataConfig(panoptic_json=str(world / "annotations" / "panoptic_train.json"),
+                                                  image_root=str(world / "images" / "train"), image_size=64,
+                                                  min_box_size=0, max_box_size=None, max_images=2),
                                teacher.patch_size, vocab, image_mean=teacher.image_mean, image_std=teacher.image_std)
     checked = 0
-    for k in range(2):
-        item = ds[k]
+    for item in (ds[0], ds[1]):
         with torch.no_grad():
             feats = teacher.pool_masks(teacher.encode_dense(item["image"][None]), [item["masks"]])
-        probs = (F.normalize(feats, dim=-1) @ F.normalize(text, dim=-1).T / 0.01).softmax(-1)
+        probs = (F.normalize(feats, dim=-1) @ F.normalize(text[seen], dim=-1).T / 0.01).softmax(-1)
         mine = {r["region_id"]: r["probs"] for r in dist["regions"] if r["image"] == item["file_name"]}
         for seg, p in zip(item["segment_ids"].tolist(), probs):
             assert np.allclose(mine[seg], p.numpy(), atol=2e-4), (item["file_name"], seg)
@@ -265,12 +262,22 @@ def test_labelling_tool_round_trip_reaches_training(labelled, tmp_path):
     assert acts[(image, review["deleted"])]["action"] == "delete"
     assert [(a["image"], a["bbox"], a["class"]) for a in corr["added"]] == [(image, [2.0, 3.0, 10.0, 12.0], "person")]
     assert corr["summary"]["relabelled"] == 1 and corr["summary"]["deleted"] == 1 and corr["summary"]["added"] == 1
+    # A tool that drops custom attributes (the region slot): the boxes match the proposals by overlap instead.
+    bare = json.loads((tmp_path / "corrected.json").read_text())
+    for ann in bare["annotations"]:
+        ann.pop("attributes", None)
+        ann["bbox"] = [round(v) for v in ann["bbox"]]  # and rounds coordinates to the pixel
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    assert cli.main(["labels", "apply", "--proposals", str(props), "--corrected", str(tmp_path / "bare.json"),
+                     "--rules", str(rules), "--out", str(tmp_path / "bare_corr.json")]) == 0
+    again = json.loads((tmp_path / "bare_corr.json").read_text())
+    assert again["regions"] == corr["regions"] and again["summary"] == corr["summary"]
 
     # Training reads them for its own images, regions and vocabulary.
     cfg = load_config(AlignConfig, None, [
         f"teacher_targets.corrections={tmp_path / 'corr.json'}", "data.source.kind=toyworld",
         f"data.source.path={world}", "data.regions.kind=masks",
-        f"data.regions.path={world / 'annotations' / 'instances_train.json'}"])
+        f"data.regions.path={world / 'annotations' / 'panoptic_train.json'}"])
     source = ImageSource(cfg.data.source)
     vocab = get_vocabulary(str(world)).seen()
     targets, extra = run_corrections(cfg, source, vocab)
@@ -296,12 +303,12 @@ def test_training_with_corrections_uses_them(labelled, tmp_path):
     cfg = from_dict(AlignConfig, {
         "output_dir": str(tmp_path / "run"), "method": "densevlm",
         "student": {"name": "ToyCLIP-ViT-T-16", "model_overrides": TINY},
-        "teacher": {"name": "toy-teacher-clipself"},
+        "teacher": {"name": "ToyCLIP-ViT-T-16", "model_overrides": TINY},
         "student_text": {"vocabulary": str(world), "templates": "single"},
         "teacher_text": {"vocabulary": str(world), "templates": "single"}, "exclude_novel": True,
         "ensemble_alpha": None, "teacher_targets": {"corrections": str(tmp_path / "corr.json")},
         "data": {"source": {"kind": "toyworld", "path": str(world)}, "image_size": 64,
-                 "regions": {"kind": "masks", "path": str(world / "annotations" / "instances_train.json")}},
+                 "regions": {"kind": "masks", "path": str(world / "annotations" / "panoptic_train.json")}},
         "loop": {"epochs": 1, "batch_size": 6, "num_workers": 0, "cpu": True, "log_every": 1, "eval_every": 0},
         "optim": {"lr": 1e-3, "warmup_steps": 1}})
     train = run_align(cfg, overwrite=True).metrics["history"][0]["train"]

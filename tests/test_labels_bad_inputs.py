@@ -66,7 +66,7 @@ class Env:
 
     def train_recipe(self, **top) -> str:
         base = {"output_dir": str(self.tmp / "out"), "method": "densevlm",
-                "student": {"name": TOY, "model_overrides": TINY}, "teacher": {"name": "toy-teacher-clipself"},
+                "student": {"name": TOY, "model_overrides": TINY}, "teacher": {"name": TOY, "model_overrides": TINY},
                 "student_text": {"vocabulary": str(self.root), "templates": "single"},
                 "teacher_text": {"vocabulary": str(self.root), "templates": "single"}, "exclude_novel": True,
                 "ensemble_alpha": None,
@@ -137,10 +137,11 @@ def _cache_for_another_source(env: Env) -> list[str]:
     from densevlm.models import create_backbone
     from densevlm.tasks.teacher_cache import recipe_cache_metadata
 
-    grid = from_dict(AlignConfig, yaml.safe_load(Path(env.train_recipe()).read_text()))
+    zoo_teacher = {"name": "toy-teacher-clipself"}  # a cache's teacher needs weights with an identity
+    grid = from_dict(AlignConfig, yaml.safe_load(Path(env.train_recipe(teacher=zoo_teacher)).read_text()))
     student = create_backbone(grid.student)
     write_manifest(env.tmp / "cache", recipe_cache_metadata(grid, student.image_mean, student.image_std), 128, 4, 4)
-    data = yaml.safe_load(Path(env.train_recipe()).read_text())
+    data = yaml.safe_load(Path(env.train_recipe(teacher=zoo_teacher)).read_text())
     data["data"]["regions"] = {"kind": "boxes", "path": str(env.root / "annotations" / "instances_train.json")}
     data["teacher_cache"] = str(env.tmp / "cache")
     return ["train", "-c", env.write("boxes.yaml", data)]

@@ -52,14 +52,14 @@ def test_every_kind_is_registered():
 def test_boxes_land_on_the_padded_canvas_where_hand_arithmetic_puts_them(tmp_path):
     """A 50x30 image on a 64 canvas: content 64x38 (38.4 rounded), so x scales by 64/50 and y by 38/30."""
     head = _images(tmp_path, [(50, 30), (30, 70)])
-    anns = [{"id": 7, "image_id": 10, "bbox": [10, 5, 20, 10], "score": 0.9},
-            {"id": 8, "image_id": 10, "bbox": [0, 0, 50, 30], "score": 0.2},
+    anns = [{"id": 8, "image_id": 10, "bbox": [0, 0, 50, 30], "score": 0.2},
+            {"id": 7, "image_id": 10, "bbox": [10, 5, 20, 10], "score": 0.9},
             {"id": 9, "image_id": 11, "bbox": [3, 14, 6, 35], "score": 0.5}]
     (tmp_path / "props.json").write_text(json.dumps({**head, "annotations": anns}))
     cfg = RegionSourceConfig(kind="boxes", path=str(tmp_path / "props.json"))
     src = build_region_source(cfg, _source(tmp_path))
     r = src.regions(0, 50, 30)
-    assert r.slots == [0, 1] and r.ids == [7, 8]  # best score first; a slot is the position in the file
+    assert r.slots == [1, 0] and r.ids == [7, 8]  # best score first; a slot is the position in the file
     got = regions_on_canvas(r, [0, 1], 50, 30, 64)["boxes"]
     fx, fy = 64 / 50 / 64, 38 / 30 / 64
     want = torch.tensor([[10 * fx, 5 * fy, 30 * fx, 15 * fy], [0, 0, 50 * fx, 30 * fy]], dtype=torch.float32)
@@ -73,7 +73,7 @@ def test_boxes_land_on_the_padded_canvas_where_hand_arithmetic_puts_them(tmp_pat
     top = build_region_source(RegionSourceConfig(kind="boxes", path=cfg.path, top_k=1), _source(tmp_path))
     assert top.regions(0, 50, 30).ids == [7]
     cut = build_region_source(RegionSourceConfig(kind="boxes", path=cfg.path, min_score=0.5), _source(tmp_path))
-    assert cut.regions(0, 50, 30).slots == [0]
+    assert cut.regions(0, 50, 30).slots == [1]
 
 
 def test_masks_are_area_averaged_onto_the_token_grid_as_by_hand(tmp_path):
@@ -173,3 +173,64 @@ def test_a_teacher_cache_for_one_source_is_refused_for_another_naming_both(tmp_p
     # The same grid opens (no shard yet: the image is reported missing, not refused for its source).
     with pytest.raises(TeacherCacheError, match="not cached"):
         TeacherCache(tmp_path / "cache", cache_metadata(**common), ["0.png"])
+
+
+def test_clipself_trains_on_proposal_boxes_with_crops_of_those_boxes(tmp_path):
+    """CLIPSelf's proposal mode: the crops are the proposal boxes of the original image, and a step runs."""
+    from densevlm.config import from_dict
+    from densevlm.config.align import AlignConfig
+    from densevlm.data.transforms import resize_longest_pad, to_tensor
+    from densevlm.tasks.align import run_align
+
+    head = _images(tmp_path, [(50, 30), (30, 70)])
+    anns = [{"id": 1, "image_id": 10, "bbox": [10, 5, 20, 10], "score": 0.9},
+            {"id": 2, "image_id": 11, "bbox": [3, 14, 6, 35], "score": 0.8}]
+    (tmp_path / "props.json").write_text(json.dumps({**head, "annotations": anns}))
+    cfg = RegionSourceConfig(kind="boxes", path=str(tmp_path / "props.json"))
+    src = build_region_source(cfg, _source(tmp_path))
+    item = RegionSetDataset(_source(tmp_path), src, 64, max_boxes=2, crop_size=32)[1]
+    img = Image.open(tmp_path / "img" / "1.png").convert("RGB")
+    want = to_tensor(resize_longest_pad(img.crop((3, 14, 9, 49)), 32)[0])
+    assert torch.equal(item["crops"][0], want) and item["crops"][1].abs().sum() == 0
+    tiny = {"vision_cfg": {"layers": 1, "width": 32, "head_width": 32}, "text_cfg": {"layers": 1, "width": 32,
+                                                                                    "heads": 1}}
+    run = from_dict(AlignConfig, {
+        "output_dir": str(tmp_path / "run"), "method": "clipself", "teacher": None, "ensemble_alpha": None,
+        "student": {"name": "ToyCLIP-ViT-T-16", "model_overrides": tiny},
+        "data": {"source": {"kind": "coco_json", "path": str(tmp_path / "images.json"),
+                            "image_root": str(tmp_path / "img")},
+                 "regions": {"kind": "boxes", "path": str(tmp_path / "props.json")}, "image_size": 64},
+        "loop": {"epochs": 1, "batch_size": 2, "num_workers": 0, "cpu": True, "eval_every": 0}})
+    cosine = run_align(run, overwrite=True).metrics["history"][0]["train"]["cosine"]
+    assert -1.0 <= cosine <= 1.0
+
+
+def test_mask_regions_are_pooled_by_mask_on_each_models_own_token_grid(tmp_path):
+    """Training batches of a mask source pool each model's dense map by the mask on that model's grid."""
+    from densevlm.methods.regions import batch_masks, per_image_boxes, pool_regions
+
+    head = _images(tmp_path, [(40, 20)])
+    mask = np.zeros((20, 40), dtype=bool)
+    mask[2:12, 5:30] = True
+    (tmp_path / "m.json").write_text(json.dumps({**head, "annotations": [{"id": 1, "image_id": 10,
+                                                                         "segmentation": _rle(mask)}]}))
+    src = build_region_source(RegionSourceConfig(kind="masks", path=str(tmp_path / "m.json")), _source(tmp_path))
+    batch = torch.utils.data.default_collate([RegionSetDataset(_source(tmp_path), src, 32, max_boxes=2,
+                                                               mask_patches=(8, 16))[0]])
+
+    class Model:
+        def __init__(self, patch):
+            self.patch_size = patch
+
+        def pool_boxes(self, dense, boxes):
+            raise AssertionError("a mask region was pooled by its box")
+
+        def pool_masks(self, dense, masks):
+            return torch.stack([(m[:, :, :, None] * dense[0].permute(1, 2, 0)).sum((1, 2)) for m in masks])[0]
+
+    for patch in (8, 16):
+        g = 32 // patch
+        dense = torch.arange(3 * g * g, dtype=torch.float32).view(1, 3, g, g)
+        got = pool_regions(Model(patch), dense, per_image_boxes(batch["boxes"], batch["valid"]), batch_masks(batch))
+        weights = batch["masks"][f"p{patch}"][0, 0]
+        assert got.shape == (1, 3) and torch.allclose(got[0], (weights[None] * dense[0]).sum((1, 2)))

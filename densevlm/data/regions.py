@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from densevlm.data.captions import item_rng
@@ -13,7 +15,34 @@ from densevlm.data.sources import ImageSource
 from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_pad, to_tensor
 
 
-class GridRegionDataset(Dataset):
+class RegionImages(Dataset, ABC):
+    """What every region training set shares: an image source (``self.source``), an epoch for per-epoch draws
+    (``set_epoch``), and a bad image skipped for the next one when the source says so."""
+
+    source: ImageSource
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def image_name(self, index: int) -> str:
+        return self.source.image_name(index)
+
+    @abstractmethod
+    def item(self, index: int, img: Image.Image) -> dict[str, Any]:
+        """Item ``index`` from its loaded image ``img``."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        img = self.source.load_or_skip(index, "the next image used instead")
+        if img is None:
+            return self[(index + 1) % len(self)]
+        return self.item(index, img)
+
+
+class GridRegionDataset(RegionImages):
     """Image (resize-longest, zero-padded to ``image_size``) with up to ``max_boxes`` random grid boxes.
 
     Items: ``image`` (3, S, S), ``boxes`` (max_boxes, 4) normalised on the canvas, ``valid`` (max_boxes,),
@@ -34,19 +63,7 @@ class GridRegionDataset(Dataset):
         self.choices = grid_choices(max_split, grid_style)
         self.mean, self.std, self.seed, self.epoch = mean, std, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def image_name(self, index: int) -> str:
-        return self.source.image_name(index)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        img = self.source.load_or_skip(index, "the next image used instead")
-        if img is None:
-            return self[(index + 1) % len(self)]
+    def item(self, index: int, img: Image.Image) -> dict[str, Any]:
         rng = item_rng(self.seed, self.epoch, index)
         canvas, scale = resize_longest_pad(img, self.image_size)
         boxes, valid, pixel, cells = grid_boxes_with_cells(img.width, img.height, scale, self.image_size, rng,

@@ -148,6 +148,8 @@ def run_apply(proposals: str | Path, corrected: str | Path, out: str | Path, *,
         unmatched = dict(proposed)
         for ann in anns:
             where = f"{corrected}: annotation {ann.get('id')!r} (image {key})"
+            if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4):
+                raise CorrectionsError(f"{where}: needs 'bbox' [x, y, w, h], got {ann.get('bbox')!r}")
             raw = category.get(ann.get("category_id"))
             if raw is None:
                 raise CorrectionsError(f"{where}: category_id {ann.get('category_id')!r} is not in its categories")
@@ -189,7 +191,7 @@ def run_apply(proposals: str | Path, corrected: str | Path, out: str | Path, *,
 
 
 # --------------------------------------------------------------------------------------------- training
-def _identity_mismatch(path: Path, stored: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
+def _identity_mismatch(stored: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     out = []
     for key in ("images", "regions"):
         if stored.get(key) != run.get(key):
@@ -198,23 +200,31 @@ def _identity_mismatch(path: Path, stored: Mapping[str, Any], run: Mapping[str, 
     return out
 
 
-def load_corrections(path: str | Path, identity: Mapping[str, Any], vocabulary: Vocabulary,
-                     image_keys: Sequence[str]) -> tuple[TargetCorrections, dict[str, Any]]:
-    """The corrections of ``path`` for a run whose images and regions have ``identity`` (``images``, ``regions``:
-    as ``labels propose`` records them), training ``vocabulary`` and dataset ``image_keys``.
-
-    Returns the objective's :class:`TargetCorrections` and the added regions per dataset image index
-    (``{index: [entries]}``; their slots are ``ADDED_SLOT + position``)."""
+def read_corrections(path: str | Path, identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The corrections file ``path``, checked to be for a run whose images and regions have ``identity``
+    (``images``, ``regions``: as ``labels propose`` records them); another source is an error naming both."""
     p = Path(path)
     data = read_json(p, "corrections file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CorrectionsError(f"{p}: not a corrections file of `densevlm labels apply` (format "
                                f"{data.get('format') if isinstance(data, dict) else None!r})")
-    diffs = _identity_mismatch(p, data.get("identity", {}), identity)
+    diffs = _identity_mismatch(data.get("identity", {}), identity)
     if diffs:
         raise CorrectionsError(f"corrections file {p} was made for another source than this run's: "
                                + "; ".join(diffs) + ". Propose and review labels for this run's data (densevlm "
                                "labels propose with the same data.source and data.regions)")
+    return data
+
+
+def load_corrections(path: str | Path, identity: Mapping[str, Any], vocabulary: Vocabulary,
+                     image_keys: Sequence[str]) -> tuple[TargetCorrections, dict[str, Any]]:
+    """The corrections of ``path`` (:func:`read_corrections`) for a run with training ``vocabulary`` and dataset
+    ``image_keys``.
+
+    Returns the objective's :class:`TargetCorrections` and ``{"added": {index: [entries]}, "summary": ...}``: the
+    added regions per dataset image index (their slots are ``ADDED_SLOT + position``)."""
+    p = Path(path)
+    data = read_corrections(p, identity)
     index = {k: i for i, k in enumerate(image_keys)}
     names = vocabulary.names
     column = {n: i for i, n in enumerate(names)}

@@ -19,7 +19,7 @@ from densevlm.methods.teacher_targets import (CachedTeacherTargets, FillingTeach
                                               TeacherTargets)
 from densevlm.models import create_backbone
 from densevlm.tasks.methods import MethodParts, grid_dataset, register_method
-from densevlm.tasks.corrections import load_corrections
+from densevlm.tasks.corrections import load_corrections, read_corrections
 from densevlm.tasks.labels import grid_spec, images_identity
 from densevlm.tasks.teacher_cache import check_cacheable, cache_exists, open_teacher_cache, teacher_text_from_cache
 from densevlm.vocab import text_embeddings_from_config
@@ -62,17 +62,23 @@ def teacher_targets(cfg: AlignConfig, teacher: Optional[nn.Module], cache: Optio
     return CachedTeacherTargets(online)
 
 
+def run_identity(cfg: AlignConfig) -> dict[str, Any]:
+    """The images and regions of a recipe, as ``labels propose`` records them (corrections are keyed to them)."""
+    return {"images": images_identity(cfg.data.source),
+            "regions": region_identity(cfg.data.regions, grid_spec(cfg.data, cfg.method))}
+
+
 def run_corrections(cfg: AlignConfig, source: ImageSource, vocab: Any) -> tuple[Any, dict[str, Any]]:
     """The recipe's ``teacher_targets.corrections`` for this run's images, regions and training vocabulary."""
-    identity = {"images": images_identity(cfg.data.source),
-                "regions": region_identity(cfg.data.regions, grid_spec(cfg.data, cfg.method))}
-    return load_corrections(cfg.teacher_targets.corrections, identity, vocab, image_keys(source))
+    return load_corrections(cfg.teacher_targets.corrections, run_identity(cfg), vocab, image_keys(source))
 
 
 @register_method("densevlm")
 def build_densevlm(cfg: AlignConfig, student: nn.Module) -> MethodParts:
     """With a complete teacher cache the teacher is not built at all; images missing from it need the teacher."""
     source = ImageSource(cfg.data.source)
+    if cfg.teacher_targets.corrections is not None:
+        read_corrections(cfg.teacher_targets.corrections, run_identity(cfg))  # another source fails before any model
     cache, teacher = None, None
     if cfg.teacher_cache is not None and not cache_exists(cfg.teacher_cache):
         check_cacheable(cfg)  # an existing cache for another source is refused below, naming both

@@ -65,7 +65,11 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
 def run_propose(cfg: LabelsProposeConfig, *, progress: bool = True) -> dict[str, Any]:
     """Propose labels for every region of ``cfg.data`` (see the module docstring); returns a summary."""
     t0 = time.time()
-    images = ImageSource(cfg.data.source)
+    src = cfg.data.source
+    if src.kind == "toyworld" and not Path(src.path).is_dir():
+        raise FileNotFoundError(f"data.source.path: no toy world at {src.path}; generate one with `densevlm toyworld "
+                                f"--config configs/toyworld/quick.yaml --out {src.path}` or point data.source elsewhere")
+    images = ImageSource(src)
     regions = build_region_source(cfg.data.regions, images, grid_spec(cfg.data))
     device = resolve_device(cfg.device)
     teacher = create_backbone(cfg.teacher).to(device).eval()
@@ -124,7 +128,7 @@ def run_propose(cfg: LabelsProposeConfig, *, progress: bool = True) -> dict[str,
                 image_records.append(rec)
                 records.append({**rec, "probs": [round(float(q), 6) for q in p]})
             if len(cards) < cfg.sheet_images:
-                cards.append({"name": keys[i], "png": thumbnail(img, image_records, masks, cfg.thumb_size),
+                cards.append({"name": keys[i], "jpeg": thumbnail(img, image_records, masks, cfg.thumb_size),
                               "regions": image_records})
         if progress:
             log.info("labels propose: %d/%d images", batch[-1] + 1, len(images))

@@ -7,15 +7,16 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
 
 from densevlm.data.captions import item_rng
 from densevlm.data.region_sources.base import RegionSource, regions_on_canvas
+from densevlm.data.regions import RegionImages
 from densevlm.data.sources import ImageSource
 from densevlm.data.transforms import CLIP_MEAN, CLIP_STD, resize_longest_pad, to_tensor
 
 
-class RegionSetDataset(Dataset):
+class RegionSetDataset(RegionImages):
     """Items: ``image`` (3, S, S), ``boxes`` (max_boxes, 4) normalised on the canvas, ``valid`` (max_boxes,),
     ``cells`` (max_boxes,) each region's slot (-1 for padding), ``index``; a mask source adds ``masks``
     {``p<patch>``: (max_boxes, S // patch, S // patch)} for each patch size of ``mask_patches`` (the student's
@@ -30,19 +31,7 @@ class RegionSetDataset(Dataset):
         if regions.pooling == "masks" and not self.mask_patches:
             raise ValueError("a masks region source needs the patch sizes of the models that pool its masks")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def image_name(self, index: int) -> str:
-        return self.source.image_name(index)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        img = self.source.load_or_skip(index, "the next image used instead")
-        if img is None:
-            return self[(index + 1) % len(self)]
+    def item(self, index: int, img: Image.Image) -> dict[str, Any]:
         size, k_max = self.image_size, self.max_boxes
         regions = self.regions.regions(index, img.width, img.height)
         keep = list(range(len(regions)))
