@@ -21,7 +21,7 @@ def test_compare_quick_profile_writes_one_table_of_the_four_methods(tmp_path):
     regions = summary["tables"]["region classification (mean per-class accuracy, %)"]
     semseg = summary["tables"]["semantic segmentation (mIoU, %)"]
     assert len(regions) == 18  # the six reference keys, over all / seen / novel classes, top-1 and top-5
-    assert set(semseg["mIoU"]) == {"base", "clipself", "densevlm", "declip", "talk2dino"}
+    assert set(semseg["mIoU"]) == {"base", "base-qq", "clipself", "densevlm", "declip", "talk2dino"}
     # every tuned cell is the mean and sample std of that seed's own evaluation file
     for m in ("clipself", "densevlm", "declip"):
         vals = [json.loads((out / "seeds" / f"seed_{k}" / "eval" / m / "regions.json").read_text())["metrics"]
@@ -33,6 +33,6 @@ def test_compare_quick_profile_writes_one_table_of_the_four_methods(tmp_path):
     base = json.loads((out / "semseg" / "base" / "semseg.json").read_text())["metrics"]["mIoU"]
     assert semseg["mIoU"]["base"]["mean"] == base and semseg["mIoU"]["base"]["std"] is None
     md = (out / "compare.md").read_text()
-    assert "| mIoU.novel |" in md and "| key | base | clipself | densevlm | declip | talk2dino |" in md
+    assert "| mIoU.novel |" in md and "| key | base | base-qq | clipself | densevlm | declip | talk2dino |" in md
     assert (out / "figures" / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["ordering"]["semantic segmentation (mIoU, %)"]["mIoU"][0] in semseg["mIoU"]

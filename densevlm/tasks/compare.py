@@ -1,6 +1,7 @@
 """``densevlm compare``: base, CLIPSelf, DenseVLM and DeCLIP students under one protocol, over N training seeds.
 
-Same world, same base student, same training images, same evaluators: region classification (the six keys, seen
+Same world, same base student, same training images, same evaluators (the base student is also scored on
+DeCLIP's dense path untrained, column ``base-<mode>``, to separate what the path does from what training does): region classification (the six keys, seen
 and novel), dense-CLIP segmentation (mIoU over all, seen, novel classes), and with ``with_detection`` the toy
 detector's AP50-novel where detectron2 is installed. Talk2DINO is a column of the segmentation table, on the base
 student's frozen backbone. The stages are the demo's (``tasks/demo.py``), reused on a re-run when finished with the
@@ -22,7 +23,6 @@ from densevlm.config.compare import CompareConfig
 from densevlm.utils.io import atomic_write_json, atomic_write_text
 
 TUNED = ("clipself", "densevlm", "declip")
-COLUMNS = ("base", *TUNED)
 SEMSEG_KEYS = ("mIoU", "mIoU.seen", "mIoU.novel")
 DETECTION_KEYS = ("AP50-novel", "AP50-base")
 NEEDS = {  # what each method needs, for the README and the JSON
@@ -119,8 +119,11 @@ def run_compare(cfg: CompareConfig, *, fresh: bool = False, from_scratch: bool =
     out.mkdir(parents=True, exist_ok=True)
     world = world_stage(cfg, fresh)
     specs = models_stage(cfg, from_scratch)
-    base = {"base": specs["student"]}
-    base_model = {"base": create_backbone(specs["student"])}
+    # The base student as it is, and on DeCLIP's dense path untrained ("base-qq"): what the path alone does.
+    path_spec = copy.deepcopy(specs["student"])
+    path_spec.dense_last_block = cfg.declip.declip.mode
+    base = {"base": specs["student"], f"base-{path_spec.dense_last_block}": path_spec}
+    base_model = {name: create_backbone(spec) for name, spec in base.items()}
     fixed_regions = {n: r["metrics"] for n, r in eval_stage(cfg, world, base, base_model, fresh).items()}
     fixed_semseg = {n: r["metrics"] for n, r in semseg_stage(cfg, world, base, base_model, fresh).items()}
     del base_model
@@ -147,9 +150,10 @@ def run_compare(cfg: CompareConfig, *, fresh: bool = False, from_scratch: bool =
 
             for m in TUNED:
                 detection[m].append(detect_with(seed_cfg, m, stages[m].output_dir, world, fresh)["metrics"])
+    columns = [*base, *TUNED]
     region_rows = _rows(regions, fixed_regions, _region_keys(regions["clipself"][0]))
     fixed_sem = dict(fixed_semseg)
-    columns_sem = list(COLUMNS)
+    columns_sem = list(columns)
     if cfg.with_talk2dino:
         from densevlm.tasks.demo_talk2dino import run_talk2dino_demo
 
@@ -159,14 +163,14 @@ def run_compare(cfg: CompareConfig, *, fresh: bool = False, from_scratch: bool =
         fixed_sem["talk2dino"] = next(v for label, v in t2d.items() if label.lower().startswith("talk2dino"))
         columns_sem.append("talk2dino")
     semseg_rows = _rows(semseg, fixed_sem, list(SEMSEG_KEYS))
-    tables = {"region classification (mean per-class accuracy, %)": (region_rows, list(COLUMNS)),
+    tables = {"region classification (mean per-class accuracy, %)": (region_rows, columns),
               "semantic segmentation (mIoU, %)": (semseg_rows, columns_sem)}
     if cfg.with_detection:
         from densevlm.tasks.demo_detection import detect_with
 
         base_det = detect_with(cfg, "base", cfg.student, world, fresh)["metrics"]
         det_rows = _rows(detection, {"base": base_det}, list(DETECTION_KEYS))
-        tables["open-vocabulary detection (AP50, %)"] = (det_rows, list(COLUMNS))
+        tables["open-vocabulary detection (AP50, %)"] = (det_rows, ["base", *TUNED])
     figure = plot_compare(tables, out / "figures" / "compare.png", cfg.seeds)
     seconds = round(time.time() - t0, 1)
     md = "\n\n".join(markdown_table(t, rows, cols) for t, (rows, cols) in tables.items())
