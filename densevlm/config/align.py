@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from densevlm.config.evaluation import PanopticDataConfig, RegionTextConfig
 from densevlm.config.model import ModelSpec
-from densevlm.config.regions import RegionSourceConfig, TeacherTargetsConfig
+from densevlm.config.regions import RegionSourceConfig
 from densevlm.config.sources import ImageSourceConfig
 from densevlm.config.talk2dino import Talk2DINOVisionConfig
 from densevlm.config.train import LoopConfig, OptimConfig
@@ -87,13 +87,21 @@ class DeCLIPParams:
 
 @dataclass
 class TeacherTargetsConfig:
-    """What DenseVLM's ``teacher_cache`` folder holds. ``exact``: every grid cell's teacher features (any
+    """What DenseVLM's teacher targets are made of besides the teacher.
+
+    kind: what the ``teacher_cache`` folder holds. ``exact``: every grid cell's teacher features (any
     vocabulary). ``compact``: every cell's top-``k`` classes of the recipe's teacher vocabulary and the tail mass
     of the rest (densevlm.methods.compact_targets; about 45x smaller for EVA02-L at k=5), bound to that
-    vocabulary, templates, temperature and k."""
+    vocabulary, templates, temperature and k.
+
+    corrections: a corrections file written by ``densevlm labels apply`` (null: the teacher alone). A corrected
+    region's target is its corrected class, one-hot, routed by that class's thing/stuff flag; a deleted region is
+    dropped; the class rules (merge, never) reshape every other region's teacher distribution.
+    """
 
     kind: Literal["exact", "compact"] = "exact"
     k: int = 5  # compact: classes kept per cell, in [1, vocabulary size]
+    corrections: Optional[str] = None
 
     def validate(self) -> None:
         if self.k < 1:

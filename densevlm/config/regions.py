@@ -33,15 +33,3 @@ class RegionSourceConfig:
             raise ConfigError(f"regions.top_k: expected an integer >= 0 (0 = all), got {self.top_k}")
         if self.kind != "grid" and not self.path:
             raise ConfigError(f"regions.path: a '{self.kind}' region source needs its COCO json file")
-
-
-@dataclass
-class TeacherTargetsConfig:
-    """What DenseVLM's teacher targets are made of besides the teacher.
-
-    corrections: a corrections file written by ``densevlm labels apply`` (null: the teacher alone). A corrected
-    region's target is its corrected class, one-hot, routed by that class's thing/stuff flag; a deleted region is
-    dropped; the class rules (merge, never) reshape every other region's teacher distribution.
-    """
-
-    corrections: Optional[str] = None
