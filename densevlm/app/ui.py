@@ -143,11 +143,12 @@ def build_app(explorer: Explorer, examples: Sequence[str], default_classes: str)
 
 def serve(cfg: AppConfig) -> None:
     """Build the explorer over ``cfg`` and serve its page on ``cfg.host``:``cfg.port`` until interrupted."""
+    explorer = Explorer(cfg)
+    for label in explorer.labels:  # load now: a bad model name fails at start (before the example world is made)
+        explorer.model(label)
     world = prepare_world(cfg)
     known = get_vocabulary(str(world))
-    explorer = Explorer(cfg, known)
-    for label in explorer.labels:  # load now: a bad model name fails at start, not at the first request
-        explorer.model(label)
+    explorer.known = known
     default_classes = cfg.classes or ", ".join(known.names)
     app = build_app(explorer, world_examples(world, cfg.examples), default_classes)
     app.queue(default_concurrency_limit=1, max_size=16)

@@ -4,7 +4,6 @@ the reviewed teacher labels DenseVLM can train with (``teacher_targets.correctio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from densevlm.config.core import ConfigError
 

@@ -123,9 +123,9 @@ def write_shards(cfg: AlignConfig, *, workers: int = 1, part: int = 0, parts: in
         raise ConfigError(f"--part {part} must be in [0, --parts {parts})")
     t0 = time.time()
     out = Path(cfg.data.shards)
-    out.mkdir(parents=True, exist_ok=True)
-    source = ImageSource(cfg.data.source)
+    source = ImageSource(cfg.data.source)  # a missing or bad source fails before the shard folder exists
     payload = build_payload(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     n = shard_count(len(source), cfg.data.shard_size)
     _check_folder(out, {"source": describe_source(source), "images": len(source), "shard_size": cfg.data.shard_size,
                         "payload": payload.name, "identity": payload.identity})
