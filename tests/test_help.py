@@ -47,6 +47,9 @@ CONFIGS = {
     "talk2dino cache": "densevlm.config.talk2dino:Talk2DINOTrainConfig",
     "talk2dino train": "densevlm.config.talk2dino:Talk2DINOTrainConfig",
     "det train": "densevlm.config.detection:DetectionConfig", "det eval": "densevlm.config.detection:DetectionConfig",
+    "shards": "densevlm.config.align:AlignConfig", "demo labels": "densevlm.config.demo:DemoConfig",
+    "labels propose": "densevlm.config.labels:LabelsProposeConfig", "report": "densevlm.config.report:ReportConfig",
+    "app": "densevlm.config.report:AppConfig", "compare": "densevlm.config.compare:CompareConfig",
 }
 
 

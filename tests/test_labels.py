@@ -38,8 +38,10 @@ class _FixedTeacher:
     def prepare(self, device):
         pass
 
-    def features(self, batch, boxes):
-        return self.feats, 0
+    def targets(self, batch, boxes):
+        from densevlm.methods.teacher_targets import RegionFeatures
+
+        return RegionFeatures(self.feats, 0)
 
     def on_epoch_start(self, epoch):
         pass

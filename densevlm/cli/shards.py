@@ -20,9 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = new_parser(sub, NAME, HELP)
     p.add_argument("action", choices=["write"], help="write (or finish writing) the shards")
     add_config_args(p, "the dataclass defaults; give a configs/train/ recipe", example="data.shards=shards/coco")
-    p.add_argument("--workers", type=int, default=1, help="processes writing shards on this machine")
-    p.add_argument("--part", type=int, default=0, help="this machine writes the shards s with s %% parts == part")
-    p.add_argument("--parts", type=int, default=1, help="machines writing the shards together")
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards on this machine (default: %(default)s)")
+    p.add_argument("--part", type=int, default=0, help="this machine writes the shards s with s %% parts == part (default: %(default)s)")
+    p.add_argument("--parts", type=int, default=1, help="machines writing the shards together (default: %(default)s)")
     p.set_defaults(fn=run)
 
 
