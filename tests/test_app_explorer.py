@@ -1,14 +1,29 @@
-"""What the explorer's page shows, without a browser: typed classes, side-by-side panels, the teacher's grid labels."""
+"""What the explorer's page shows, without a browser: typed classes, side-by-side panels, the teacher's labels on
+region sources (grid splits, the example world's masks, a region file)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from densevlm.app.explorer import Explorer, parse_classes, side_by_side, split_panels
+from PIL import Image
+
+from densevlm.app.explorer import WORLD_MASKS, Explorer, parse_classes, side_by_side, split_panels, world_examples
+from densevlm.config.align import RegionDataConfig
+from densevlm.config.labels import LabelsProposeConfig
+from densevlm.config.regions import RegionSourceConfig
 from densevlm.config.report import AppConfig
+from densevlm.config.sources import ImageSourceConfig
+from densevlm.config.toyworld import ToyWorldConfig
+from densevlm.config.vocab import TextEmbeddingConfig
+from densevlm.tasks.labels import run_propose
+from densevlm.toyworld import generate_world
+from densevlm.vocab.registry import get_vocabulary
 from densevlm.vocab.vocabulary import ClassEntry, Vocabulary
 
 
@@ -29,6 +44,15 @@ def test_panels_round_trip():
     assert all(np.array_equal(a, b) for a, b in zip(split_panels(joined, 7), panels))
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A two-image toy world (val split only) at 96 px: the examples and their panoptic segments."""
+    root = tmp_path_factory.mktemp("app_world") / "world"
+    generate_world(ToyWorldConfig(num_train=0, num_val=2, image_size=96, workers=0), root, overwrite=True,
+                   progress=False)
+    return root
+
+
 def test_teacher_grid_labels_tile_the_image_and_score_each_cell():
     teacher_patch = 12  # toy-teacher-clipself's patch side: 3 x 3 cells of 2 x 2 tokens on a 72-px image
     size = 3 * 2 * teacher_patch
@@ -37,7 +61,8 @@ def test_teacher_grid_labels_tile_the_image_and_score_each_cell():
     yy, xx = np.mgrid[0:size, 0:size]
     image = np.stack([xx * 3, yy * 3, 255 - xx - yy], axis=-1).clip(0, 255).astype(np.uint8)
     vocab = parse_classes("sky, grass, car, cat")
-    rows = explorer.grid_labels(image, vocab, top_k=2)
+    regions, _ = explorer.regions(RegionSourceConfig(kind="grid"), image, split=3)
+    rows = explorer.region_labels(image, vocab, regions, top_k=2)
     cell = size // 3
     assert [r["box"] for r in rows] == [[x, y, x + cell, y + cell] for y in (0, cell, 2 * cell)
                                         for x in (0, cell, 2 * cell)]  # row-major, by hand
@@ -59,3 +84,63 @@ def test_teacher_grid_labels_tile_the_image_and_score_each_cell():
         assert [q for _, q in r["labels"]] == pytest.approx(top.values.tolist(), rel=1e-3, abs=1e-7)
         assert r["route"] == ("thing" if vocab.classes[best].isthing else "stuff")
         assert r["passes"] == (r["labels"][0][1] > 0.3)
+
+
+@pytest.mark.parametrize("split", [2, 5])
+def test_grid_split_sets_the_cells(split):
+    explorer = Explorer(AppConfig())
+    image = np.zeros((60, 90, 3), dtype=np.uint8)  # not square: cells are w / split by h / split
+    regions, what = explorer.regions(RegionSourceConfig(kind="grid"), image, split=split)
+    assert len(regions) == split * split and what == f"grid {split} x {split}"
+    w, h = 90 / split, 60 / split
+    expected = [[c * w, r * h, (c + 1) * w, (r + 1) * h] for r in range(split) for c in range(split)]
+    np.testing.assert_allclose(regions.boxes, expected, rtol=0, atol=1e-9)
+
+
+def test_world_masks_labels_equal_labels_propose(world, tmp_path):
+    """The explorer's teacher probabilities for the example world's panoptic segments are those ``densevlm labels
+    propose`` writes for the same image and region file (the labelling path, end to end)."""
+    size = 96
+    explorer = Explorer(AppConfig(world=str(world), image_size=size))
+    known = get_vocabulary(str(world))
+    choices = explorer.region_choices()
+    source = choices[WORLD_MASKS]
+    assert source.kind == "masks"
+    name = Path(world_examples(world, 2)[1]).name
+    image = np.asarray(Image.open(world / "images" / "val" / name).convert("RGB"))
+    regions, what = explorer.regions(source, image, split=3, image_name=name)
+    assert regions.masks is not None and len(regions) >= 2 and name in what
+    rows = explorer.region_labels(image, known, regions)
+
+    cfg = LabelsProposeConfig(output_dir=str(tmp_path / "labels"), exclude_novel=False, device="cpu",
+                              teacher_text=TextEmbeddingConfig(vocabulary=str(world), templates="short"),
+                              data=RegionDataConfig(source=ImageSourceConfig(kind="toyworld", path=str(world),
+                                                                             split="val"),
+                                                    regions=RegionSourceConfig(kind="masks", path=source.path),
+                                                    image_size=size))
+    run_propose(cfg, progress=False)
+    records = [r for r in json.loads((tmp_path / "labels" / "distributions.json").read_text())["regions"]
+               if r["image"] == name]
+    assert [r["region_id"] for r in records] == [r["id"] for r in rows]
+    for rec, row in zip(records, rows):
+        assert row["probs"].tolist() == pytest.approx(rec["probs"], abs=2e-6)
+        assert [n for n, _ in row["labels"]] == [n for n, _ in rec["top"][:3]]
+        assert (row["route"], row["passes"]) == (rec["route"], rec["passes"])
+        assert row["mask"].shape == image.shape[:2]
+
+
+def test_region_file_without_regions_for_the_image_says_so(world, tmp_path):
+    names = [Path(e).name for e in world_examples(world, 2)]
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps({"images": [{"id": i + 1, "file_name": n, "width": 96, "height": 96}
+                                           for i, n in enumerate(names)],
+                                "annotations": [{"id": 7, "image_id": 1, "bbox": [4, 4, 40, 30], "score": 0.9}]}))
+    explorer = Explorer(AppConfig(world=str(world), image_size=96, regions=RegionSourceConfig("boxes", str(path))))
+    source = explorer.region_choices()[f"boxes: {path.name}"]
+    image = np.zeros((96, 96, 3), dtype=np.uint8)
+    regions, _ = explorer.regions(source, image, split=3, image_name=names[0])
+    assert regions.boxes.tolist() == [[4, 4, 44, 34]]
+    with pytest.raises(ValueError, match=rf"{path}.*names no region for image '{names[1]}'"):
+        explorer.regions(source, image, split=3, image_name=names[1])
+    with pytest.raises(ValueError, match=rf"{path}.*'elsewhere.jpg' is neither an example"):
+        explorer.regions(source, image, split=3, image_name="elsewhere.jpg")

@@ -2,7 +2,8 @@
 
 The page lays out what :mod:`densevlm.app.explorer` computes: pick models, upload or choose an image, type class
 names; the dense segmentation of every model side by side, the probability map of one class, and the teacher's
-proposed labels for the image's regions. It binds the loopback address only; one request runs at a time and a
+proposed labels for the image's regions from a chosen region source (grid split, the example world's segments,
+a boxes or masks file). It binds the loopback address only; one request runs at a time and a
 request is refused once it has run ``request_timeout`` seconds.
 """
 
@@ -16,8 +17,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from densevlm.app.explorer import (Explorer, labels_overlay, legend_html, parse_classes, probability_image,
-                                   segmentation_panels, side_by_side, world_examples)
+from densevlm.app.explorer import (GRID_SPLITS, Explorer, labels_overlay, legend_html, parse_classes,
+                                   probability_image, segmentation_panels, side_by_side, world_examples)
 from densevlm.config.report import AppConfig
 from densevlm.config.toyworld import ToyWorldConfig
 from densevlm.toyworld import generate_world
@@ -89,15 +90,26 @@ class Handlers:
                   f"{len(names)} classes, {time.time() - t0:.1f}s; probability map of **{names[target]}**")
         return panels, legend_html(vocabulary), probs, status
 
-    def propose(self, image: Optional[np.ndarray], classes: str) -> tuple[np.ndarray, list[list[Any]]]:
+    def propose(self, image: Optional[np.ndarray], classes: str, source: str, split: Any,
+                image_name: str) -> tuple[np.ndarray, list[list[Any]], str]:
         if image is None:
             raise gr.Error("upload an image or choose an example first")
         vocabulary = self._vocabulary(classes)
-        with self.explorer.lock:
-            rows = self.explorer.grid_labels(image[..., :3], vocabulary)
-        table = [[i, ", ".join(f"{n} {p:.2f}" for n, p in r["labels"]), r["route"], "yes" if r["passes"] else "no",
-                  str(r["box"])] for i, r in enumerate(rows)]
-        return labels_overlay(image[..., :3], rows, len(vocabulary)), table
+        choices = self.explorer.region_choices()
+        if source not in choices:
+            raise gr.Error(f"region source: pick one of {list(choices)}, got {source!r}")
+        try:
+            with self.explorer.lock:
+                regions, what = self.explorer.regions(choices[source], image[..., :3], split=int(split),
+                                                      image_name=image_name or "")
+                rows = self.explorer.region_labels(image[..., :3], vocabulary, regions)
+        except (ValueError, FileNotFoundError) as err:  # a region file that does not fit the image: say so
+            raise gr.Error(str(err)) from None
+        table = [[i, str(r["id"]), ", ".join(f"{n} {p:.2f}" for n, p in r["labels"]), r["route"],
+                  "yes" if r["passes"] else "no", str(r["box"])] for i, r in enumerate(rows)]
+        passing = sum(r["passes"] for r in rows)
+        status = f"{what}: {len(rows)} regions, {passing} pass the threshold ({self.explorer.cfg.threshold})"
+        return labels_overlay(image[..., :3], rows, len(vocabulary)), table, status
 
 
 def build_app(explorer: Explorer, examples: Sequence[str], default_classes: str) -> gr.Blocks:
@@ -110,8 +122,12 @@ def build_app(explorer: Explorer, examples: Sequence[str], default_classes: str)
             with gr.Column():
                 image = gr.Image(label="image", type="numpy", image_mode="RGB", sources=["upload"],
                                  elem_id="input-image", format="png")
+                # The image's file name: region files name their images so (an example fills it in).
+                image_name = gr.Textbox(value="", label="image file name (to find its regions in a region file)",
+                                        elem_id="image-name")
                 if examples:
-                    gr.Examples(examples=[[e] for e in examples], inputs=[image], label="toy-world examples")
+                    gr.Examples(examples=[[e, Path(e).name] for e in examples], inputs=[image, image_name],
+                                label="toy-world examples")
             with gr.Column():
                 models = gr.Dropdown(choices=explorer.labels, value=explorer.labels, multiselect=True, label="models",
                                      elem_id="models")
@@ -127,17 +143,29 @@ def build_app(explorer: Explorer, examples: Sequence[str], default_classes: str)
         probability = gr.Image(label="probability of one class (softmax of cos / 0.01; bright = 1)", format="png",
                                interactive=False, elem_id="probability")
         with gr.Accordion(f"the teacher's proposed labels ({explorer.cfg.teacher})", open=False):
-            gr.Markdown(f"Region source: **grid** ({explorer.cfg.grid} x {explorer.cfg.grid} cells). Each region's "
-                        f"top-3 classes with probabilities, the thing/stuff route of the best one and whether it "
-                        f"passes DenseVLM's confidence threshold ({explorer.cfg.threshold}); faint: it does not.")
+            gr.Markdown("Regions from a region source: the grid at a split, the example world's panoptic segments, or "
+                        "the region file of `regions` (boxes or masks, matched to the image by its file name). Each "
+                        "region's top-3 classes with probabilities (as `densevlm labels propose` computes them), the "
+                        "thing/stuff route of the best one and whether it passes DenseVLM's confidence threshold "
+                        f"({explorer.cfg.threshold}); faint: it does not.")
+            region_choices = list(explorer.region_choices())
+            with gr.Row():
+                source = gr.Dropdown(choices=region_choices, value=region_choices[0], label="region source",
+                                     elem_id="region-source")
+                split = gr.Dropdown(choices=list(GRID_SPLITS), value=explorer.cfg.grid if explorer.cfg.grid in
+                                    GRID_SPLITS else GRID_SPLITS[1], label="grid split (cells per side)",
+                                    elem_id="grid-split")
             propose = gr.Button("Propose labels", elem_id="propose")
+            region_status = gr.Markdown(elem_id="teacher-status")
             overlay = gr.Image(label="regions coloured by the teacher's label", format="png", interactive=False,
                                elem_id="teacher-overlay")
-            table = gr.Dataframe(headers=["region", "top-3 (probability)", "route", "passes", "box (x0, y0, x1, y1)"],
-                                 elem_id="teacher-table", interactive=False)
+            table = gr.Dataframe(headers=["region", "id", "top-3 (probability)", "route", "passes",
+                                          "box (x0, y0, x1, y1)"], elem_id="teacher-table", interactive=False)
         run.click(h.segment, inputs=[image, models, classes, prob_class],
                   outputs=[segmentation, legend, probability, status], concurrency_limit=1)
-        propose.click(h.propose, inputs=[image, classes], outputs=[overlay, table], concurrency_limit=1)
+        propose.click(h.propose, inputs=[image, classes, source, split, image_name],
+                      outputs=[overlay, table, region_status], concurrency_limit=1)
+        image.upload(lambda: "", outputs=[image_name])  # an uploaded image is no longer the example named
     return app
 
 
@@ -149,6 +177,7 @@ def serve(cfg: AppConfig) -> None:
     world = prepare_world(cfg)
     known = get_vocabulary(str(world))
     explorer.known = known
+    explorer.world = world
     default_classes = cfg.classes or ", ".join(known.names)
     app = build_app(explorer, world_examples(world, cfg.examples), default_classes)
     app.queue(default_concurrency_limit=1, max_size=16)

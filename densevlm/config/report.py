@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from densevlm.config.core import ConfigError
+from densevlm.config.regions import RegionSourceConfig
 from densevlm.config.semseg import SemSegInferenceConfig
 
 
@@ -132,7 +133,10 @@ class AppConfig:
     ``models``: ``label=model`` entries the page offers ([] = the toy zoo); ``teacher``: the model proposing
     labels for regions; ``world``: the toy world whose val images are the examples ('' = a small one generated
     under ``output_dir``); ``classes``: the default class names ('' = the world's); ``image_size``: the short side
-    images are segmented at; ``grid``: the grid of regions the teacher labels (``grid`` x ``grid`` cells);
+    images are segmented at; ``grid``: the default split of the grid region source (``grid`` x ``grid`` cells, the
+    reference's ``max_split`` cells; the page offers 2..6); ``regions``: a region file the page offers besides the
+    grid and the example world's own panoptic segments (``kind`` boxes or masks with its ``path``, as
+    ``data.regions`` of a recipe; the default ``grid`` adds none);
     ``threshold``: DenseVLM's confidence threshold shown beside each label; ``request_timeout``: seconds a
     request may run before it is refused.
     """
@@ -147,6 +151,7 @@ class AppConfig:
     templates: str = "short"
     image_size: int = 192
     grid: int = 3
+    regions: RegionSourceConfig = field(default_factory=RegionSourceConfig)
     threshold: float = 0.3
     examples: int = 6
     request_timeout: float = 60.0
@@ -158,8 +163,9 @@ class AppConfig:
             raise ConfigError(f"port: expected 0..65535 (0 = a free port), got {self.port}")
         if self.image_size < 16:
             raise ConfigError(f"image_size: expected an integer >= 16, got {self.image_size}")
-        if not 1 <= self.grid <= 16:
-            raise ConfigError(f"grid: expected an integer in [1, 16], got {self.grid}")
+        if not 2 <= self.grid <= 16:
+            raise ConfigError(f"grid: expected an integer in [2, 16] (DenseVLM's grid has no 1 x 1 cell), got "
+                              f"{self.grid}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold: expected a probability in [0, 1], got {self.threshold}")
         if not self.request_timeout > 0:

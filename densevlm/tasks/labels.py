@@ -23,11 +23,13 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from densevlm.config.core import to_dict
 from densevlm.config.labels import LabelsProposeConfig
 from densevlm.config.sources import ImageSourceConfig
-from densevlm.data.region_sources import GridSpec, build_region_source, describe_identity, regions_on_canvas
+from densevlm.data.region_sources import (GridSpec, ImageRegions, build_region_source, describe_identity,
+                                         regions_on_canvas)
 from densevlm.data.region_sources.base import source_images
 from densevlm.data.sources import ImageSource
 from densevlm.data.transforms import resize_longest_pad, to_tensor
@@ -61,6 +63,30 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def teacher_canvas(teacher: Any, img: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) the image as the teacher labels it: longest side at ``size``, padded, normalised (training's
+    canvas)."""
+    return to_tensor(resize_longest_pad(img, size)[0], teacher.image_mean, teacher.image_std)
+
+
+@torch.no_grad()
+def region_probabilities(teacher: Any, dense: torch.Tensor, regions: ImageRegions, width: int, height: int,
+                         size: int, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(K, C) the teacher's distribution over the classes for each region of one ``width`` x ``height`` image.
+
+    ``dense`` (1, D, g, g) is the teacher's dense map of the image's :func:`teacher_canvas`; each region is pooled
+    on it by box (RoIAlign) or by mask (masked mean of the token-grid weights) as training pools it
+    (:func:`regions_on_canvas`), and scored against ``text`` (C, D, unit rows): softmax of cos / ``temperature``.
+    ``labels propose`` and the explorer (``densevlm app``) both label regions through this function.
+    """
+    placed = regions_on_canvas(regions, range(len(regions)), width, height, size, (teacher.patch_size,))
+    if "masks" in placed:
+        feats = teacher.pool_masks(dense, [placed["masks"][f"p{teacher.patch_size}"].to(dense.device)])
+    else:
+        feats = teacher.pool_boxes(dense, [placed["boxes"].to(dense.device)])
+    return (F.normalize(feats.float(), dim=-1) @ text.T / temperature).softmax(-1).cpu()
+
+
 @torch.no_grad()
 def run_propose(cfg: LabelsProposeConfig, *, progress: bool = True) -> dict[str, Any]:
     """Propose labels for every region of ``cfg.data`` (see the module docstring); returns a summary."""
@@ -90,17 +116,11 @@ def run_propose(cfg: LabelsProposeConfig, *, progress: bool = True) -> dict[str,
         batch = list(range(start, min(start + cfg.batch_size, len(images))))
         loaded = [(i, images.load(i)) for i in batch]
         per_image = [(i, img, regions.regions(i, img.width, img.height)) for i, img in loaded]
-        canvases = torch.stack([to_tensor(resize_longest_pad(img, size)[0], teacher.image_mean, teacher.image_std)
-                                for _, img, _ in per_image]).to(device)
+        canvases = torch.stack([teacher_canvas(teacher, img, size) for _, img, _ in per_image]).to(device)
         dense = teacher.encode_dense(canvases)
         for b, (i, img, reg) in enumerate(per_image):
-            placed = regions_on_canvas(reg, range(len(reg)), img.width, img.height, size, (teacher.patch_size,))
-            one = dense[b:b + 1]
-            if "masks" in placed:
-                feats = teacher.pool_masks(one, [placed["masks"][f"p{teacher.patch_size}"].to(device)])
-            else:
-                feats = teacher.pool_boxes(one, [placed["boxes"].to(device)])
-            probs = (F.normalize(feats.float(), dim=-1) @ text.T / cfg.densevlm.temperature).softmax(-1).cpu()
+            probs = region_probabilities(teacher, dense[b:b + 1], reg, img.width, img.height, size, text,
+                                         cfg.densevlm.temperature)
             iid = image_id.get(i, i + 1)
             coco_images.append({"id": iid, "file_name": keys[i], "width": img.width, "height": img.height})
             masks = reg.masks() if reg.masks is not None else None
