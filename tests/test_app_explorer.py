@@ -144,3 +144,26 @@ def test_region_file_without_regions_for_the_image_says_so(world, tmp_path):
         explorer.regions(source, image, split=3, image_name=names[1])
     with pytest.raises(ValueError, match=rf"{path}.*'elsewhere.jpg' is neither an example"):
         explorer.regions(source, image, split=3, image_name="elsewhere.jpg")
+
+
+def test_page_handler_lays_out_region_labels_and_reports_bad_files(world, tmp_path):
+    """The page's callback (no browser): the table has one row per region of the chosen source, and a region file
+    without regions for the image reaches the page as a message naming the file."""
+    gr = pytest.importorskip("gradio")
+    from densevlm.app.ui import Handlers
+
+    path = tmp_path / "empty.json"
+    name = Path(world_examples(world, 1)[0]).name
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": name, "width": 96, "height": 96}],
+                                "annotations": []}))
+    explorer = Explorer(AppConfig(world=str(world), image_size=96, regions=RegionSourceConfig("masks", str(path))))
+    handlers = Handlers(explorer, timeout=60)
+    image = np.asarray(Image.open(world / "images" / "val" / name).convert("RGB"))
+    classes = ", ".join(get_vocabulary(str(world)).names)
+    overlay, table, status = handlers.propose(image, classes, "grid", 4, name)
+    assert overlay.shape == image.shape and len(table) == 16 and status.startswith("grid 4 x 4: 16 regions")
+    overlay, table, status = handlers.propose(image, classes, WORLD_MASKS, 4, name)
+    assert len(table) == len(explorer.regions(explorer.region_choices()[WORLD_MASKS], image, split=4,
+                                              image_name=name)[0])
+    with pytest.raises(gr.Error, match=f"{path}.*names no region for image '{name}'"):
+        handlers.propose(image, classes, f"masks: {path.name}", 4, name)
