@@ -2,7 +2,7 @@
 on streamed shards with the one Trainer (started with the env:// variables `torchrun --nnodes 2 --node_rank R` and
 `accelerate launch --num_machines 2 --machine_rank R` set for each process).
 
-``python shards_worker.py SHARDS RUN_DIR OUT [--resume] [--sleep S]``. After every optimiser step each rank compares
+``python shards_worker.py SHARDS RUN_DIR OUT [--resume] [--sleep S] [--workers N]``. After every optimiser step each rank compares
 its weights with rank 0's (broadcast) and records the sample ids of its batches; rank 0 prints ``step N``. At the
 end every rank writes ``OUT/rank<r>.json``: its ids per epoch, the largest weight difference to rank 0 per step.
 """
@@ -71,8 +71,10 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--workers", type=int, default=2, help="data-loader workers per process")
     args = ap.parse_args()
     cfg = RunCfg()
+    cfg.loop.num_workers = args.workers
     loop, optim = cfg.loop, cfg.optim
     run_dir = prepare_run_dir_once(args.run_dir, cfg, cpu=True, resume=args.resume)
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -44,8 +45,8 @@ def _shards(tmp: Path) -> Path:
     return tmp / "shards"
 
 
-def _launch(shards: Path, run: Path, out: Path, port: int, resume: bool = False, sleep: float = 0.0
-            ) -> list[list[subprocess.Popen]]:
+def _launch(shards: Path, run: Path, out: Path, port: int, resume: bool = False, sleep: float = 0.0,
+            workers: int = 2) -> list[list[subprocess.Popen]]:
     """Both nodes' processes (per node, in its own process group, as its own machine would be)."""
     out.mkdir(exist_ok=True)
     nodes = []
@@ -57,7 +58,8 @@ def _launch(shards: Path, run: Path, out: Path, port: int, resume: bool = False,
                    "RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": str(NODES * PER_NODE),
                    "LOCAL_WORLD_SIZE": str(PER_NODE), "GROUP_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": str(port)}
-            cmd = [sys.executable, str(WORKER), str(shards), str(run), str(out), "--sleep", str(sleep)]
+            cmd = [sys.executable, str(WORKER), str(shards), str(run), str(out), "--sleep", str(sleep),
+                   "--workers", str(workers)]
             procs.append(subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, text=True,
                                           stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
                                           stderr=open(out / f"rank{rank}.stderr", "w"),
@@ -72,11 +74,14 @@ def _wait(nodes: list[list[subprocess.Popen]], out: Path) -> None:
             assert p.wait(timeout=240) == 0, "".join(f.read_text()[-1500:] for f in out.glob("*.stderr"))
 
 
-def test_two_nodes_two_processes_exactly_once_identical_and_bit_exact_after_sigkill(tmp_path):
+# 1 worker per process failed before DDP's gradients were reduced per parameter (issue 23: the resumed process's
+# first step summed its all-reduce in another order); 2 workers split each rank's part over loader workers.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_nodes_two_processes_exactly_once_identical_and_bit_exact_after_sigkill(tmp_path, workers):
     shards = _shards(tmp_path)
     # Uninterrupted.
     ref_out = tmp_path / "ref"
-    _wait(_launch(shards, tmp_path / "run_ref", ref_out, _free_port()), ref_out)
+    _wait(_launch(shards, tmp_path / "run_ref", ref_out, _free_port(), workers=workers), ref_out)
     ranks = [json.loads((ref_out / f"rank{r}.json").read_text()) for r in range(NODES * PER_NODE)]
     assert all(r["world"] == 4 for r in ranks)
     per_epoch = ranks[0]["per_epoch"]
@@ -89,7 +94,7 @@ def test_two_nodes_two_processes_exactly_once_identical_and_bit_exact_after_sigk
     # SIGKILL node 1 after step 3 (step checkpoints every 2 steps: the last is step 2, inside epoch 1), then the
     # job is restarted on both nodes with --resume.
     run, out = tmp_path / "run_kill", tmp_path / "kill"
-    nodes = _launch(shards, run, out, _free_port(), sleep=0.3)
+    nodes = _launch(shards, run, out, _free_port(), sleep=0.3, workers=workers)
     last = 0
     for line in nodes[0][0].stdout:
         if m := re.match(r"step (\d+)", line):
@@ -107,7 +112,7 @@ def test_two_nodes_two_processes_exactly_once_identical_and_bit_exact_after_sigk
             p.wait()
     assert last == 3 and not (run / "weights.safetensors").exists()
     resumed_out = tmp_path / "resumed"
-    _wait(_launch(shards, run, resumed_out, _free_port(), resume=True), resumed_out)
+    _wait(_launch(shards, run, resumed_out, _free_port(), resume=True, workers=workers), resumed_out)
     resumed = [json.loads((resumed_out / f"rank{r}.json").read_text()) for r in range(NODES * PER_NODE)]
     assert all(len(r["ids"]) == 2 * per_epoch - 2 for r in resumed), "resumed after step 2"
     for r, ref in zip(resumed, ranks):  # the same batches as the uninterrupted run from there on

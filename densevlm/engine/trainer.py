@@ -77,6 +77,37 @@ class _DeviceLoader:
             yield send_to_device(batch, self.device)
 
 
+def _per_parameter_allreduce(state, bucket):  # annotated below: DDP checks the real types, not strings
+    """DDP comm hook: average each parameter's gradient with an all-reduce of its own.
+
+    DDP reduces its first step as one bucket in parameter order and later steps in buckets rebuilt in backward
+    order. A flat all-reduce's summation order depends on where an element sits in its bucket, so a process
+    resumed from a checkpoint (its first step on the initial layout) summed differently, in the last bits, from
+    the uninterrupted run at that step, and the weights drifted apart (issue 23). Per parameter the order depends
+    on the parameter alone: the same at every step of every process.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    grads = bucket.gradients()  # views of bucket.buffer()
+    futs = [dist.all_reduce(g.div_(world), async_op=True).get_future() for g in grads]
+
+    def into_buffer(_: Any) -> torch.Tensor:
+        buffer, offset = bucket.buffer(), 0
+        for g in grads:  # a no-op copy where g is a view of the buffer (as DDP makes them)
+            view = buffer[offset:offset + g.numel()]
+            if view.data_ptr() != g.data_ptr():
+                view.copy_(g.flatten())
+            offset += g.numel()
+        return buffer
+
+    return torch.futures.collect_all(futs).then(into_buffer)
+
+
+_per_parameter_allreduce.__annotations__ = {"state": object, "bucket": torch.distributed.GradBucket,
+                                            "return": torch.futures.Future[torch.Tensor]}
+
+
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient stopped training; the message names the step, the images and the checkpoint."""
 
@@ -392,6 +423,8 @@ class Trainer:
             step_module, optimizer = acc.prepare(step_module, optimizer)
         else:
             step_module, optimizer, loader = acc.prepare(step_module, optimizer, loader)
+        if isinstance(step_module, torch.nn.parallel.DistributedDataParallel):  # resume bit-exact (see the hook)
+            step_module.register_comm_hook(None, _per_parameter_allreduce)
         self.objective.prepare(acc.device)
 
         steps_per_epoch = max(1, len(loader) // loop.grad_accum_steps)
