@@ -55,6 +55,11 @@ class LoopConfig:
     # SIGTERM / SIGUSR1: finish the step, checkpoint, exit with code 75 (resume with --resume).
     handle_signals: bool = True
     find_unused_parameters: bool = False
+    # Multi-process runs all-reduce each parameter's gradient on its own (a DDP comm hook) so that a resumed process
+    # sums exactly as the uninterrupted run did: DDP's first step reduces one bucket layout, later steps a rebuilt
+    # one, and a flat all-reduce's summation order depends on an element's place in its bucket. false: DDP's
+    # bucketed all-reduce (fewer collectives; a resume then matches to the last bits, not bit for bit).
+    exact_resume_reduction: bool = True
     cpu: bool = False  # force CPU even when an accelerator is present
     # The number of processes over all nodes that this recipe is launched on (null: any). A node started with
     # another --num_machines / --num_processes is refused before its first step instead of splitting the data

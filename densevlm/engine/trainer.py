@@ -423,7 +423,8 @@ class Trainer:
             step_module, optimizer = acc.prepare(step_module, optimizer)
         else:
             step_module, optimizer, loader = acc.prepare(step_module, optimizer, loader)
-        if isinstance(step_module, torch.nn.parallel.DistributedDataParallel):  # resume bit-exact (see the hook)
+        if loop.exact_resume_reduction and isinstance(step_module, torch.nn.parallel.DistributedDataParallel):
+            # resume bit-exact (see the hook)
             step_module.register_comm_hook(None, _per_parameter_allreduce)
         self.objective.prepare(acc.device)
 
