@@ -26,18 +26,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from densevlm.data.sources import ImageSource
-from densevlm.data.stores import (StoreError, metadata_diff, plan_shards, read_manifest, shard_metadata,
-                                  write_manifest, write_shards)
-from densevlm.data.teacher_cache import image_keys, shard_cell_features
+from densevlm.data.stores import StoreError, metadata_diff, read_manifest, shard_metadata, write_manifest
+from densevlm.data.teacher_cache import image_keys, process_of, write_cell_shards
 from densevlm.methods.compact_targets import (BATCH_IDS, BATCH_PROBS, BATCH_TAIL, check_k, compact_distribution,
                                               id_dtype)
 
@@ -51,10 +48,6 @@ TAIL_RULE = "uniform"
 
 class CompactStoreError(StoreError):
     """A compact target store that does not fit the run (other teacher, vocabulary, templates, temperature, k)."""
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}.safetensors"
 
 
 def compact_metadata(teacher_meta: dict[str, Any], *, vocabulary: str, vocabulary_fingerprint: str,
@@ -146,9 +139,7 @@ def build_compact_targets(teacher: torch.nn.Module, source: ImageSource, out_dir
         raise CompactStoreError(f"compact targets: the teacher's text embeddings have {teacher_text.shape[0]} "
                                 f"classes, the store's vocabulary {meta['vocabulary']['name']!r} {vocab_size}")
     check_k(meta["k"], vocab_size)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    rank, world, device = process_of(accelerator)
     keys = image_keys(source)
     n_shards = math.ceil(len(keys) / shard_size)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "k": int(meta["k"]),
@@ -181,41 +172,26 @@ def build_compact_targets(teacher: torch.nn.Module, source: ImageSource, out_dir
         dist = compact_distribution(features @ text.t() / temperature, k)
         return torch.cat([dist.ids.double(), dist.probs.double(), dist.tail.double().unsqueeze(-1)], -1).cpu()
 
-    path_of = lambda s: root / shard_name(s)  # noqa: E731
-    mine, kept = plan_shards(range(rank, n_shards, world), path_of=path_of, is_done=is_done)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    t0, n_images = time.time(), 0
-    bar = tqdm(total=sum(min(shard_size, len(keys) - s * shard_size) for s in mine), unit="img",
-               desc=f"compact targets [{rank}]", disable=not progress or rank != 0)
-
-    def compute(s: int) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
-        nonlocal n_images
-        indices = list(range(s * shard_size, min((s + 1) * shard_size, len(keys))))
-        packed, rows = shard_cell_features(teacher, source, indices, meta, batch_size=batch_size,
-                                           num_workers=num_workers, device=device, autocast_dtype=autocast_dtype,
-                                           convert=compact, progress=bar)
-        if packed is None:
-            return None
-        n_images += len(rows)
+    def pack(packed: torch.Tensor, shard_keys: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = {IDS: packed[..., :k].to(id_dtype(vocab_size)).contiguous(),
                    PROBS: packed[..., k:2 * k].float().contiguous(), TAIL: packed[..., 2 * k].float().contiguous()}
         tail = tensors[TAIL]
         stats = {"max": float(tail.max()), "sum": float(tail.double().sum()), "cells": tail.numel()}
-        header = {"format": FORMAT, "meta": json.dumps(meta), "keys": json.dumps([keys[i] for i in rows]),
+        header = {"format": FORMAT, "meta": json.dumps(meta), "keys": json.dumps(shard_keys),
                   "tail": json.dumps(stats)}
         return tensors, header
 
-    written = len(write_shards(mine, path_of=path_of, compute=compute))
-    bar.close()
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+    done = write_cell_shards(teacher, source, root, meta, is_done=is_done, convert=compact, pack=pack,
+                             desc="compact targets", shard_size=shard_size, batch_size=batch_size,
+                             num_workers=num_workers, accelerator=accelerator, autocast_dtype=autocast_dtype,
+                             progress=progress)
     tail = tail_summary(root)
     if rank == 0:
         write_manifest(root / MANIFEST, {**manifest, "tail_mass": tail})
     total_bytes = sum(p.stat().st_size for p in shard_files(root))
     return {"store": str(root), "kind": "compact", "process": f"{rank + 1}/{world}", "images": len(keys),
-            "shards": n_shards, "shards_written_here": written, "shards_kept_here": len(kept),
-            "images_written_here": n_images, "seconds_here": round(time.time() - t0, 1),
+            "shards": n_shards, "shards_written_here": done["written"], "shards_kept_here": done["kept"],
+            "images_written_here": done["images"], "seconds_here": round(done["seconds"], 1),
             "bytes_on_disk": total_bytes, "bytes_per_image": round(total_bytes / max(1, len(keys))),
             "cells_per_image": meta["cells_per_image"], "k": k, "vocabulary_size": vocab_size,
             "tail_mass_max": tail["tail_mass_max"], "tail_mass_mean": tail["tail_mass_mean"]}

@@ -225,6 +225,50 @@ def write_manifest(root: Path, meta: dict[str, Any], feature_dim: int, shard_siz
                                         "num_images": num_images})
 
 
+def process_of(accelerator: Any) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of ``accelerator``, or of a single CPU process when it is None."""
+    if accelerator is None:
+        return 0, 1, torch.device("cpu")
+    return accelerator.process_index, accelerator.num_processes, accelerator.device
+
+
+def write_cell_shards(teacher: torch.nn.Module, source: ImageSource, root: Path, meta: dict[str, Any], *,
+                      is_done: Callable[[int, Path], bool], convert: Callable[[torch.Tensor], torch.Tensor],
+                      pack: Callable[[torch.Tensor, list[str]], tuple[dict[str, torch.Tensor], dict[str, str]]],
+                      desc: str, shard_size: int, batch_size: int, num_workers: int, accelerator: Any,
+                      autocast_dtype: Optional[torch.dtype], progress: bool) -> dict[str, Any]:
+    """The build loop every per-cell teacher store shares: this process's shards (``s % world == rank``) not
+    already done (``is_done(s, path)``), each from the teacher's cell features of its images (``convert``ed per
+    batch by :func:`shard_cell_features`), ``pack``ed with the images' keys into tensors and a header, written
+    atomically; then a barrier. Returns how many shards were written and kept here, images written, seconds."""
+    rank, world, device = process_of(accelerator)
+    keys = image_keys(source)
+    path_of = lambda s: root / shard_name(s)  # noqa: E731
+    mine, kept = plan_shards(range(rank, math.ceil(len(keys) / shard_size), world), path_of=path_of,
+                             is_done=is_done)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    t0, n_images = time.time(), 0
+    bar = tqdm(total=sum(min(shard_size, len(keys) - s * shard_size) for s in mine), unit="img",
+               desc=f"{desc} [{rank}]", disable=not progress or rank != 0)
+
+    def compute(s: int) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        nonlocal n_images
+        indices = list(range(s * shard_size, min((s + 1) * shard_size, len(keys))))
+        values, rows = shard_cell_features(teacher, source, indices, meta, batch_size=batch_size,
+                                           num_workers=num_workers, device=device, autocast_dtype=autocast_dtype,
+                                           convert=convert, progress=bar)
+        if values is None:
+            return None
+        n_images += len(rows)
+        return pack(values, [keys[i] for i in rows])
+
+    written = len(write_shards(mine, path_of=path_of, compute=compute))
+    bar.close()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return {"written": written, "kept": len(kept), "images": n_images, "seconds": time.time() - t0}
+
+
 def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: str | os.PathLike,
                         meta: dict[str, Any], *, shard_size: int = 256, batch_size: int = 8, num_workers: int = 0,
                         accelerator: Any = None, autocast_dtype: Optional[torch.dtype] = None,
@@ -237,9 +281,7 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
     appears under its final name only once complete (atomic write).
     """
     root = Path(out_dir)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    rank, world, _ = process_of(accelerator)
     keys = image_keys(source)
     n_shards = math.ceil(len(keys) / shard_size)
     if rank == 0:
@@ -262,34 +304,18 @@ def build_teacher_cache(teacher: torch.nn.Module, source: ImageSource, out_dir: 
         log.info("%s holds other images or settings; rebuilt", path)
         return False
 
-    path_of = lambda s: root / shard_name(s)  # noqa: E731
-    mine, kept = plan_shards(range(rank, n_shards, world), path_of=path_of, is_done=is_done)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    t0, n_images = time.time(), 0
-    bar = tqdm(total=sum(min(shard_size, len(keys) - s * shard_size) for s in mine), unit="img",
-               desc=f"teacher cache [{rank}]", disable=not progress or rank != 0)
-
-    def compute(s: int) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
-        nonlocal n_images
-        indices = list(range(s * shard_size, min((s + 1) * shard_size, len(keys))))
-        feats, rows = shard_cell_features(teacher, source, indices, meta, batch_size=batch_size,
-                                          num_workers=num_workers, device=device, autocast_dtype=autocast_dtype,
-                                          convert=lambda f: f.to(dtype).cpu(), progress=bar)
-        if feats is None:
-            return None
-        shard_keys = [keys[i] for i in rows]
-        n_images += len(shard_keys)
+    def pack(feats: torch.Tensor, shard_keys: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         header = {"format": FORMAT, "meta": json.dumps(meta), "keys": json.dumps(shard_keys)}
         return {FEATURES: feats.contiguous()}, header
 
-    written = len(write_shards(mine, path_of=path_of, compute=compute))
-    bar.close()
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    seconds = time.time() - t0
+    done = write_cell_shards(teacher, source, root, meta, is_done=is_done, convert=lambda f: f.to(dtype).cpu(),
+                             pack=pack, desc="teacher cache", shard_size=shard_size, batch_size=batch_size,
+                             num_workers=num_workers, accelerator=accelerator, autocast_dtype=autocast_dtype,
+                             progress=progress)
+    written, kept, n_images, seconds = done["written"], done["kept"], done["images"], done["seconds"]
     total_bytes = sum(p.stat().st_size for p in shard_files(root))
     return {"cache": str(root), "process": f"{rank + 1}/{world}", "images": len(keys), "shards": n_shards, "shards_written_here": written,
-            "shards_kept_here": len(kept), "images_written_here": n_images, "seconds_here": round(seconds, 1),
+            "shards_kept_here": kept, "images_written_here": n_images, "seconds_here": round(seconds, 1),
             "bytes_on_disk": total_bytes, "bytes_per_image": round(total_bytes / max(1, len(keys))),
             "cells_per_image": meta["cells_per_image"], "dtype": meta["dtype"]}
 
