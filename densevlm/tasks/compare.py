@@ -110,7 +110,7 @@ def run_compare(cfg: CompareConfig, *, fresh: bool = False, from_scratch: bool =
     from densevlm.models import create_backbone, run_dir_spec
     from densevlm.tasks.align import run_align
     from densevlm.tasks.demo import eval_stage, models_stage, semseg_stage, train_stage, world_stage
-    from densevlm.tasks.demo_seeds import _region_keys
+    from densevlm.tasks.demo_seeds import region_keys
 
     if cfg.seeds < 1:
         raise ConfigError(f"seeds: expected >= 1, got {cfg.seeds}")
@@ -151,7 +151,7 @@ def run_compare(cfg: CompareConfig, *, fresh: bool = False, from_scratch: bool =
             for m in TUNED:
                 detection[m].append(detect_with(seed_cfg, m, stages[m].output_dir, world, fresh)["metrics"])
     columns = [*base, *TUNED]
-    region_rows = _rows(regions, fixed_regions, _region_keys(regions["clipself"][0]))
+    region_rows = _rows(regions, fixed_regions, region_keys(regions["clipself"][0]))
     fixed_sem = dict(fixed_semseg)
     columns_sem = list(columns)
     if cfg.with_talk2dino:

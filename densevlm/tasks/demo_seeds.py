@@ -31,7 +31,7 @@ import numpy as np
 
 from densevlm.config import ConfigError, to_dict
 from densevlm.config.demo import DemoConfig
-from densevlm.utils.io import atomic_write_json, read_json
+from densevlm.utils.io import atomic_write_json
 
 METHODS = ("clipself", "densevlm")
 SEMSEG_KEYS = ("mIoU", "mIoU.seen", "mIoU.novel")
@@ -91,7 +91,7 @@ def compare(per_seed: dict[str, list[dict[str, Any]]], fixed: dict[str, dict[str
     return rows
 
 
-def _region_keys(metrics: dict[str, Any]) -> list[str]:
+def region_keys(metrics: dict[str, Any]) -> list[str]:
     """Every macc key of the demo's region table, in its row order (top-1 before top-5 within a row)."""
     from densevlm.evaluation.regions import metric_rows
 
@@ -217,7 +217,7 @@ def run_seeds_demo(cfg: DemoConfig, seeds: int, *, fresh: bool = False, from_scr
         del models
 
     region_rows = compare(regions, {n: r["metrics"] for n, r in fixed_regions.items()},
-                          _region_keys(regions["clipself"][0]))
+                          region_keys(regions["clipself"][0]))
     semseg_rows = compare(semseg, {n: r["metrics"] for n, r in fixed_semseg.items()}, SEMSEG_KEYS)
     figure = plot_seeds(region_rows, semseg_rows, seeds, out / "figures" / "seeds_spread.png")
     seconds = round(time.time() - t0, 1)
