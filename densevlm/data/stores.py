@@ -10,7 +10,6 @@ on-disk formats (file names, manifest and header fields); this module is how bot
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 

@@ -19,7 +19,7 @@ grid times the VFM patch, ImageNet statistics), or a fixed ``vfm_image_size``.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F

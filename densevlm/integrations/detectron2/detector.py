@@ -16,7 +16,6 @@ import copy
 import logging
 import math
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Literal, Optional
 
